@@ -1,0 +1,136 @@
+"""The small interface every datastore backend implements, and what they share.
+
+A datastore maps keys (LM hidden states) to values (the next token). Backends differ
+only behind ``add`` / ``search`` / ``count`` / ``describe``; index-specific knobs live
+in their index parameters.
+"""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from knnlm_vdb.errors import KnnlmError
+
+MISSING_VALUE = -1  # value of a neighbour slot that a store could not fill
+
+
+@dataclass
+class StoreInfo:
+    """What a datastore was built with; queries from any other LM would be meaningless."""
+
+    model: str
+    key_type: str
+    dim: int
+    tokenizer: str  # fingerprint of the vocabulary, see LoadedLM.tokenizer_fingerprint
+    vocab_size: int
+    extra: dict = field(default_factory=dict)  # tuned settings, calibration, ...
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StoreInfo":
+        return cls(**{k: d[k] for k in ("model", "key_type", "dim", "tokenizer", "vocab_size")},
+                   extra=dict(d.get("extra") or {}))
+
+    @classmethod
+    def for_encoder(cls, encoder) -> "StoreInfo":
+        lm = encoder.lm
+        return cls(model=lm.name, key_type=encoder.key_type, dim=lm.hidden_size,
+                   tokenizer=lm.tokenizer_fingerprint(), vocab_size=lm.vocab_size)
+
+    def check_compatible(self, other: "StoreInfo", where: str) -> None:
+        """Refuse a datastore built by another model, key type, dimension or tokenizer."""
+        for name in ("model", "dim", "key_type", "tokenizer"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                raise KnnlmError(f"datastore {where} was built with {name}={mine!r} but the current "
+                                 f"encoder has {name}={theirs!r}; use the same --model/--key-type or another datastore")
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+def entry_ids(domain: str, doc_id: str, positions: np.ndarray) -> np.ndarray:
+    """Deterministic, positive int64 ids from (domain, document, position).
+
+    Re-ingesting the same document yields the same ids, which is what makes appends
+    idempotent and lets shards run in parallel without coordination.
+    """
+    seed = int.from_bytes(hashlib.blake2b(f"{domain}\x00{doc_id}".encode(), digest_size=8).digest(), "little")
+    mixed = _splitmix64(np.uint64(seed) + np.asarray(positions, dtype=np.uint64))
+    return (mixed & np.uint64(0x7FFFFFFFFFFFFFFF)).astype(np.int64)
+
+
+class Datastore(ABC):
+    """Keys with their next-token values; searched by squared L2 distance."""
+
+    info: StoreInfo
+
+    @abstractmethod
+    def add(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray,
+            doc_ids: list[str] | None = None, positions: np.ndarray | None = None) -> int:
+        """Insert rows whose ids are not stored yet; return how many were new."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared-L2 distances ``float32 [n, k]`` ascending and values ``int32 [n, k]``.
+
+        Slots a store cannot fill have distance ``inf`` and value ``MISSING_VALUE``.
+        """
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of stored entries, as a reader sees it now."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Facts for ``describe --json``: at least count, dim, model, key_type and index."""
+
+    def set_extra(self, key: str, value) -> None:
+        """Record a setting with the datastore (tuned λ/T/k, calibrations)."""
+        raise KnnlmError(f"{type(self).__name__} cannot store settings")
+
+    def flush(self) -> None:
+        """Make everything added so far durable and visible."""
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def pad_results(distances: list[list[float]], values: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged per-query hits -> fixed ``[n, k]`` arrays with missing slots marked."""
+    n = len(distances)
+    d = np.full((n, k), np.inf, dtype=np.float32)
+    v = np.full((n, k), MISSING_VALUE, dtype=np.int32)
+    for i, (di, vi) in enumerate(zip(distances, values)):
+        m = min(len(di), k)
+        d[i, :m] = di[:m]
+        v[i, :m] = vi[:m]
+    return d, v
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge several stores' top-k lists into one top-k by distance."""
+    if len(results) == 1:
+        return results[0]
+    d = np.concatenate([r[0] for r in results], axis=1)
+    v = np.concatenate([r[1] for r in results], axis=1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(v, order, 1)

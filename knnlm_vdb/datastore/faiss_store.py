@@ -1,0 +1,330 @@
+"""FAISS datastore: keys and values in flat files on disk, an exact or IVFPQ index over them.
+
+Layout of a datastore directory::
+
+    meta.json     what it was built with, the committed row count, the index spec
+    keys.bin      [count, dim] float16 or float32, row-major   (memory-mapped)
+    values.bin    [count] int32 next-token ids
+    ids.bin       [count] int64 deterministic entry ids (see base.entry_ids)
+    index.faiss   the trained IVFPQ index (IVFPQ only; the exact index is rebuilt on open)
+
+Appends write data first and commit ``count`` in meta.json last, by atomic rename. Bytes
+past the committed count are leftovers of a crashed writer and are cut off on the next
+write, so a crash never leaves a half-visible row.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
+from knnlm_vdb.errors import KnnlmError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INDEX_TYPES = ("flat", "ivfpq")
+_KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _gpu_resources():
+    """faiss-gpu resources when faiss-gpu is installed and a GPU is present, else None."""
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.StandardGpuResources()
+    return None
+
+
+def default_nlist(n: int) -> int:
+    """A power of two near 4·√n, with at least 39 training points per list (faiss's minimum)."""
+    nlist = 2 ** max(0, round(math.log2(max(1.0, 4 * math.sqrt(n)))))
+    while nlist > 1 and n < 39 * nlist:
+        nlist //= 2
+    return min(nlist, 65536)
+
+
+def default_pq_m(dim: int) -> int:
+    """Sub-quantizers for PQ: the largest divisor of dim that is at most 64 (64-byte codes, as in the paper)."""
+    return max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
+
+
+class FaissDatastore(Datastore):
+    """Exact (``IndexFlatL2``) or paper-style ``IndexIVFPQ`` search over on-disk keys."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise KnnlmError(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.info = StoreInfo.from_dict(self.meta["info"])
+        except (ValueError, KeyError) as exc:
+            raise KnnlmError(f"corrupt datastore metadata at {meta_path}: {exc}") from None
+        if self.meta.get("format_version", 0) > FORMAT_VERSION:
+            raise KnnlmError(f"datastore {self.path} has format {self.meta['format_version']}, newer than this "
+                             f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
+        self.key_dtype = _KEY_DTYPES[self.meta["key_dtype"]]
+        self._index = None
+        self._ids_set: set[int] | None = None
+        self._gpu = None
+        self._values: np.ndarray | None = None
+
+    # ---- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, info: StoreInfo, index: str = "flat", key_dtype: str = "float16",
+               nlist: int | None = None, pq_m: int | None = None, nprobe: int = 32,
+               recompute: bool = False, domain: str = "default") -> "FaissDatastore":
+        if index not in INDEX_TYPES:
+            raise KnnlmError(f"unknown FAISS --index {index!r}: use one of {', '.join(INDEX_TYPES)}")
+        if key_dtype not in _KEY_DTYPES:
+            raise KnnlmError(f"unknown --key-dtype {key_dtype!r}: use float16 or float32")
+        if pq_m is not None and info.dim % pq_m:
+            raise KnnlmError(f"--pq-m {pq_m} must divide the key dimension {info.dim}")
+        if nprobe < 1 or (nlist is not None and (nlist < 1 or nprobe > nlist)):
+            raise KnnlmError(f"need 1 <= --nprobe ({nprobe}) <= --nlist ({nlist})")
+        path = Path(path)
+        if (path / "meta.json").exists():
+            raise KnnlmError(f"a datastore already exists at {path}; use `knnlm-vdb append` or another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("keys.bin", "values.bin", "ids.bin"):
+            (path / name).write_bytes(b"")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "domain": domain,
+            "info": info.to_dict(),
+            "key_dtype": key_dtype,
+            "count": 0,
+            "index": {"type": index, "nlist": nlist, "pq_m": pq_m, "nprobe": nprobe,
+                      "recompute": recompute, "indexed_count": 0},
+        }
+        atomic_write_json(path / "meta.json", meta)
+        return cls(path)
+
+    # ---- raw rows -------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    def count(self) -> int:
+        return int(self.meta["count"])
+
+    def keys(self) -> np.ndarray:
+        """All committed keys, memory-mapped (no copy)."""
+        n = self.count()
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=self.key_dtype)
+        return np.memmap(self.path / "keys.bin", dtype=self.key_dtype, mode="r", shape=(n, self.dim))
+
+    def values(self) -> np.ndarray:
+        return np.fromfile(self.path / "values.bin", dtype=np.int32, count=self.count())
+
+    def ids(self) -> np.ndarray:
+        return np.fromfile(self.path / "ids.bin", dtype=np.int64, count=self.count())
+
+    def _truncate_uncommitted(self) -> None:
+        n = self.count()
+        for name, width in (("keys.bin", self.dim * np.dtype(self.key_dtype).itemsize),
+                            ("values.bin", 4), ("ids.bin", 8)):
+            p = self.path / name
+            if p.stat().st_size != n * width:
+                log.warning("cutting %s back to the %d committed rows (left by an interrupted write)", name, n)
+                with open(p, "r+b") as f:
+                    f.truncate(n * width)
+
+    def add(self, ids, keys, values, doc_ids=None, positions=None) -> int:
+        ids = np.asarray(ids, dtype=np.int64)
+        keys = np.asarray(keys)
+        values = np.asarray(values, dtype=np.int32)
+        if keys.ndim != 2 or keys.shape[1] != self.dim:
+            raise KnnlmError(f"keys have shape {keys.shape}, datastore dimension is {self.dim}")
+        if self._ids_set is None:
+            self._ids_set = set(self.ids().tolist())
+            self._truncate_uncommitted()
+        new = np.fromiter((int(i) not in self._ids_set for i in ids), dtype=bool, count=len(ids))
+        _, first = np.unique(ids, return_index=True)  # duplicates inside one batch count once
+        once = np.zeros(len(ids), dtype=bool)
+        once[first] = True
+        new &= once
+        if not new.any():
+            return 0
+        ids, keys, values = ids[new], keys[new].astype(self.key_dtype), values[new]
+        for name, arr in (("keys.bin", keys), ("values.bin", values), ("ids.bin", ids)):
+            with open(self.path / name, "ab") as f:
+                f.write(np.ascontiguousarray(arr).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        self.meta["count"] = self.count() + len(ids)
+        atomic_write_json(self.path / "meta.json", self.meta)  # the commit point
+        self._ids_set.update(ids.tolist())
+        if self._index is not None:
+            self._index_add(keys)
+        return int(len(ids))
+
+    # ---- index ----------------------------------------------------------------------------
+    @property
+    def index_spec(self) -> dict:
+        return self.meta["index"]
+
+    def _key_chunks(self, start: int, chunk: int = 65536):
+        keys = self.keys()
+        for i in range(start, len(keys), chunk):
+            yield np.ascontiguousarray(keys[i:i + chunk], dtype=np.float32)
+
+    def _index_add(self, keys: np.ndarray) -> None:
+        self._index.add(np.ascontiguousarray(keys, dtype=np.float32))
+
+    def train(self, sample_size: int = 200_000, seed: int = 0) -> None:
+        """Train and fill the IVFPQ index from the stored keys (no-op for the exact index)."""
+        import faiss
+
+        spec = self.index_spec
+        if spec["type"] != "ivfpq":
+            return
+        n = self.count()
+        nlist = spec["nlist"] or default_nlist(n)
+        m = spec["pq_m"] or default_pq_m(self.dim)
+        if n < 39 * nlist:
+            raise KnnlmError(f"IVFPQ with nlist={nlist} needs at least {39 * nlist} entries to train, "
+                             f"the datastore has {n}; use --index flat or a smaller --nlist")
+        if spec["nprobe"] > nlist:
+            raise KnnlmError(f"--nprobe {spec['nprobe']} exceeds nlist {nlist}")
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, size=min(n, max(sample_size, 39 * nlist)), replace=False))
+        sample = np.ascontiguousarray(self.keys()[rows], dtype=np.float32)
+        log.info("training IVF%d,PQ%d on %d of %d keys", nlist, m, len(sample), n)
+        index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{m}")
+        index.train(sample)
+        for chunk in self._key_chunks(0):
+            index.add(chunk)
+        faiss.write_index(index, str(self.path / "index.faiss.tmp"))
+        os.replace(self.path / "index.faiss.tmp", self.path / "index.faiss")
+        spec.update(nlist=nlist, pq_m=m, indexed_count=n)
+        atomic_write_json(self.path / "meta.json", self.meta)
+        self._index = None
+
+    def _load_index(self):
+        import faiss
+
+        spec = self.index_spec
+        n = self.count()
+        if spec["type"] == "flat":
+            index = faiss.IndexFlatL2(self.dim)
+            for chunk in self._key_chunks(0):
+                index.add(chunk)
+        else:
+            if not (self.path / "index.faiss").exists():
+                self.train()
+            index = faiss.read_index(str(self.path / "index.faiss"))
+            if index.ntotal < n:  # rows appended after the last index write: add them now
+                for chunk in self._key_chunks(index.ntotal):
+                    index.add(chunk)
+            index.nprobe = spec["nprobe"]
+        res = _gpu_resources()
+        if res is not None:
+            try:
+                index = faiss.index_cpu_to_gpu(res, 0, index)
+                self._gpu = res
+                log.info("FAISS index on GPU")
+            except RuntimeError as exc:  # e.g. a PQ code size the GPU kernels do not support
+                log.warning("keeping the FAISS index on CPU: %s", exc)
+        self._index = index
+        return index
+
+    def flush(self) -> None:
+        """Persist IVFPQ codes for rows added since the last index write."""
+        import faiss
+
+        spec = self.index_spec
+        if spec["type"] != "ivfpq" or self._index is None or spec["indexed_count"] == self.count():
+            return
+        index = self._index
+        if self._gpu is not None:
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(self.path / "index.faiss.tmp"))
+        os.replace(self.path / "index.faiss.tmp", self.path / "index.faiss")
+        spec["indexed_count"] = int(index.ntotal)
+        atomic_write_json(self.path / "meta.json", self.meta)
+
+    def search(self, queries: np.ndarray, k: int):
+        if k < 1:
+            raise KnnlmError(f"--k must be a positive integer, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise KnnlmError(f"queries have shape {queries.shape}, datastore dimension is {self.dim}")
+        n = self.count()
+        if n == 0:
+            return (np.full((len(queries), k), np.inf, np.float32), np.full((len(queries), k), MISSING_VALUE, np.int32))
+        index = self._index if self._index is not None else self._load_index()
+        if self._values is None or len(self._values) != n:
+            self._values = self.values()
+        dist, rows = index.search(queries, min(k, n))
+        if self.index_spec["type"] == "ivfpq" and self.index_spec["recompute"]:
+            dist = self._exact_distances(queries, rows)
+            order = np.argsort(dist, axis=1, kind="stable")
+            dist, rows = np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
+        valid = rows >= 0
+        values = np.where(valid, self._values[np.where(valid, rows, 0)], MISSING_VALUE).astype(np.int32)
+        dist = np.where(valid, dist, np.inf).astype(np.float32)
+        if dist.shape[1] < k:
+            pad = k - dist.shape[1]
+            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
+            values = np.pad(values, ((0, 0), (0, pad)), constant_values=MISSING_VALUE)
+        return dist, values
+
+    def _exact_distances(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The paper's option: re-score approximate candidates with their full-precision keys."""
+        keys = self.keys()
+        safe = np.where(rows >= 0, rows, 0)
+        flat = safe.reshape(-1)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        cand = np.asarray(keys[uniq], dtype=np.float32)[inverse].reshape(rows.shape + (self.dim,))
+        d = ((cand - queries[:, None, :]) ** 2).sum(-1)
+        return np.where(rows >= 0, d, np.inf).astype(np.float32)
+
+    def copy_to(self, path: str | Path, chunk: int = 65536, **index_options) -> "FaissDatastore":
+        """A new datastore with the same rows and another index (``index=``, ``nlist=``, ...); trained if IVFPQ."""
+        options = {"index": self.index_spec["type"], "key_dtype": self.meta["key_dtype"],
+                   "domain": self.meta.get("domain", "default"), **index_options}
+        dst = FaissDatastore.create(path, self.info, **options)
+        keys, values, ids = self.keys(), self.values(), self.ids()
+        for i in range(0, self.count(), chunk):
+            dst.add(ids[i:i + chunk], keys[i:i + chunk], values[i:i + chunk])
+        dst.train()
+        return dst
+
+    # ---- metadata -------------------------------------------------------------------------
+    def set_extra(self, key: str, value) -> None:
+        self.meta["info"].setdefault("extra", {})[key] = value
+        self.info.extra[key] = value
+        atomic_write_json(self.path / "meta.json", self.meta)
+
+    def describe(self) -> dict:
+        return {
+            "backend": "faiss",
+            "path": str(self.path),
+            "domain": self.meta.get("domain", "default"),
+            "count": self.count(),
+            "dim": self.dim,
+            "model": self.info.model,
+            "key_type": self.info.key_type,
+            "tokenizer": self.info.tokenizer,
+            "key_dtype": self.meta["key_dtype"],
+            "index": dict(self.index_spec),
+            "extra": dict(self.info.extra),
+        }

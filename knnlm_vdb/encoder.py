@@ -1,0 +1,182 @@
+"""Turn token streams into (key, target) pairs and LM log-probabilities in one forward pass.
+
+The same pass serves building (keys are stored) and evaluation (keys are queries), so
+stored keys and queries cannot drift apart.
+
+Key types:
+  ``ffn_input``    input of the last layer's feed-forward block, after its norm
+                   (the paper's best key), captured by a pre-hook on that block;
+  ``final_hidden`` the final hidden state, i.e. the LM head's input.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.lm import LoadedLM
+from knnlm_vdb.settings import KEY_TYPES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[begin, end)`` go through the LM; targets ``score_from .. end-1`` are scored."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def sliding_windows(n_tokens: int, ctx: int, stride: int) -> list[Window]:
+    """Windows that score every token after the first exactly once.
+
+    The first window scores all its targets; each later one scores only its last
+    ``stride`` targets, so each of those sees at least ``ctx - stride`` tokens of context.
+    """
+    if ctx < 2:
+        raise KnnlmError(f"--ctx must be at least 2, got {ctx}")
+    if not 1 <= stride <= ctx:
+        raise KnnlmError(f"--stride must be between 1 and --ctx ({ctx}), got {stride}")
+    windows = []
+    scored_until = 1  # position 0 has no context, so it is never a target
+    end = min(ctx, n_tokens)
+    while scored_until < n_tokens:
+        begin = max(0, end - ctx)
+        windows.append(Window(begin, end, scored_until))
+        scored_until = end
+        end = min(end + stride, n_tokens)
+    return windows
+
+
+@dataclass
+class EncodedBlock:
+    """Rows for consecutive targets of one document.
+
+    ``keys[i]`` is the LM's state at ``positions[i] - 1``; ``targets[i]`` is the token at
+    ``positions[i]``; ``lm_logprobs[i]`` is log p_LM(target) when requested.
+    """
+
+    positions: np.ndarray  # int64 [n]
+    keys: np.ndarray  # float32 [n, dim]
+    targets: np.ndarray  # int32 [n]
+    lm_logprobs: np.ndarray | None = None  # float32 [n]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def _decoder_layers(model):
+    """The model's list of Transformer blocks (Llama, GPT-2, GPT-NeoX, Mistral, ... alike)."""
+    import torch
+
+    candidates = [
+        m for m in model.modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) and hasattr(m[-1], "mlp")
+    ]
+    if not candidates:
+        raise KnnlmError(f"cannot find Transformer blocks with an .mlp in {type(model).__name__}; "
+                         "use --key-type final_hidden")
+    return candidates[-1]
+
+
+class Encoder:
+    """Runs the LM over sliding windows, capturing keys with a hook on the last FFN block."""
+
+    def __init__(self, lm: LoadedLM, key_type: str = "ffn_input", ctx: int = 1024, stride: int = 512,
+                 batch_size: int = 2):
+        if key_type not in KEY_TYPES:
+            raise KnnlmError(f"unknown --key-type {key_type!r}: use one of {', '.join(KEY_TYPES)}")
+        max_positions = getattr(lm.model.config, "max_position_embeddings", None)
+        if max_positions and ctx > max_positions:
+            raise KnnlmError(f"--ctx {ctx} exceeds the model's context length {max_positions}")
+        sliding_windows(ctx, ctx, stride)  # validates ctx and stride
+        if batch_size < 1:
+            raise KnnlmError(f"--batch-size must be positive, got {batch_size}")
+        self.lm, self.key_type, self.ctx, self.stride, self.batch_size = lm, key_type, ctx, stride, batch_size
+        self.backbone = lm.model.base_model
+        self.head = lm.model.get_output_embeddings()
+        self._captured = None
+        if key_type == "ffn_input":
+            self._ffn = _decoder_layers(lm.model)[-1].mlp
+
+    @property
+    def dim(self) -> int:
+        return self.lm.hidden_size
+
+    def tokenize(self, text: str) -> list[int]:
+        tok = self.lm.tokenizer
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return list(ids)
+
+    def _capture(self, module, args):
+        self._captured = args[0]
+
+    def forward(self, batch_ids):
+        """Keys ``[B, L, d]`` and the final hidden states ``[B, L, d]`` (the LM head's input)."""
+        handle = self._ffn.register_forward_pre_hook(self._capture) if self.key_type == "ffn_input" else None
+        try:
+            out = self.backbone(input_ids=batch_ids, use_cache=False)
+        finally:
+            if handle is not None:
+                handle.remove()
+        hidden = out.last_hidden_state
+        keys = self._captured if self.key_type == "ffn_input" else hidden
+        self._captured = None
+        return keys, hidden
+
+    def encode(self, token_ids: list[int], with_logprobs: bool = True, progress=None) -> Iterator[EncodedBlock]:
+        """Yield one block per batch of windows, in document order."""
+        import torch
+
+        windows = sliding_windows(len(token_ids), self.ctx, self.stride)
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        device = self.lm.device
+        i = 0
+        while i < len(windows):
+            # Windows of one length go in one batch; only a document shorter than ctx has another.
+            batch = [windows[i]]
+            while (i + len(batch) < len(windows) and len(batch) < self.batch_size
+                   and windows[i + len(batch)].end - windows[i + len(batch)].begin == batch[0].end - batch[0].begin):
+                batch.append(windows[i + len(batch)])
+            i += len(batch)
+            batch_ids = torch.stack([ids[w.begin:w.end] for w in batch]).to(device)
+            with torch.inference_mode():
+                keys, hidden = self.forward(batch_ids)
+                rows, cols = [], []
+                for b, w in enumerate(batch):
+                    n = w.end - w.score_from
+                    rows.append(torch.full((n,), b, dtype=torch.long))
+                    cols.append(torch.arange(w.score_from - 1 - w.begin, w.end - 1 - w.begin))
+                rows_t, cols_t = torch.cat(rows).to(device), torch.cat(cols).to(device)
+                positions = torch.cat([torch.arange(w.score_from, w.end) for w in batch])
+                targets = ids[positions]
+                block_keys = keys[rows_t, cols_t].float().cpu().numpy()
+                lm_logprobs = None
+                if with_logprobs:
+                    # The head runs only on scored positions: half the windows' tokens are context.
+                    logits = self.head(hidden[rows_t, cols_t]).float()
+                    lp = torch.log_softmax(logits, dim=-1)
+                    lm_logprobs = lp.gather(1, targets.to(device)[:, None])[:, 0].cpu().numpy()
+            if progress is not None:
+                progress.update(len(positions))
+            yield EncodedBlock(
+                positions=positions.numpy().astype(np.int64),
+                keys=block_keys,
+                targets=targets.numpy().astype(np.int32),
+                lm_logprobs=lm_logprobs,
+            )
+
+    def next_token(self, token_ids: list[int]):
+        """Query key and LM log-probabilities over the vocabulary for the token after ``token_ids``."""
+        import torch
+
+        ids = torch.tensor([token_ids[-self.ctx:]], dtype=torch.long, device=self.lm.device)
+        with torch.inference_mode():
+            keys, hidden = self.forward(ids)
+            logprobs = torch.log_softmax(self.head(hidden[:, -1]).float(), dim=-1)[0]
+        return keys[0, -1].float().cpu().numpy(), logprobs.cpu().numpy()

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random-weight LMs with a byte-level tokenizer, saved to disk.
+
+Nothing here downloads anything; models are built from configs with a fixed seed.
+"""
+from __future__ import annotations
+
+import pytest
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. "
+    "A kNN language model remembers every context it has seen. "
+    "def add(a, b):\n    return a + b\n"
+) * 6
+
+
+def byte_tokenizer():
+    """A 256-symbol byte-level tokenizer, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_model(arch: str, vocab_size: int = 257, seed: int = 0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        return LlamaForCausalLM(cfg).eval()
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, n_embd=32, n_layer=2, n_head=4, n_positions=512)
+        return GPT2LMHeadModel(cfg).eval()
+    if arch == "neox":
+        cfg = GPTNeoXConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=512)
+        return GPTNeoXForCausalLM(cfg).eval()
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", "neox"])
+def any_lm(request, tokenizer):
+    from knnlm_vdb.lm import from_objects
+
+    return from_objects(tiny_model(request.param), tokenizer, name=f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def llama_lm(tokenizer):
+    from knnlm_vdb.lm import from_objects
+
+    return from_objects(tiny_model("llama"), tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tokenizer):
+    """Two saved tiny models on disk (``--model DIR``): a Llama and a GPT-2 of the same vocabulary."""
+    dirs = {}
+    for arch in ("llama", "gpt2"):
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        tiny_model(arch).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        dirs[arch] = str(d)
+    return dirs
+
+
+@pytest.fixture()
+def corpus_file(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(TINY_TEXT)
+    return p
