@@ -65,13 +65,21 @@ def search_all(stores: list[Datastore], queries: np.ndarray, k: int) -> tuple[np
     return merge_topk([s.search(queries, k) for s in stores], k)
 
 
-def evaluate(encoder: Encoder, token_ids: list[int], stores: list[Datastore] | None = None, k: int = 1024,
+def _chain_blocks(encoder: Encoder, sequences: list[list[int]], progress):
+    for ids in sequences:
+        if len(ids) >= 2:
+            yield from encoder.encode(ids, with_logprobs=True, progress=progress)
+
+
+def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: list[Datastore] | None = None, k: int = 1024,
              temperature: float = 1.0, lmbda: float = 0.25, keep_neighbours: bool = False,
              show_progress: bool = True) -> EvalResult:
-    """Score every target of ``token_ids`` under the LM and, given stores, under the kNN-LM."""
+    """Score every target of ``token_ids`` (one sequence or several documents) under the LM and,
+    given stores, under the kNN-LM."""
     check_params(lmbda=lmbda, k=k, temperature=temperature)
     stores = stores or []
-    n_targets = max(0, len(token_ids) - 1)
+    sequences = [token_ids] if token_ids and isinstance(token_ids[0], int) else list(token_ids)
+    n_targets = sum(max(0, len(ids) - 1) for ids in sequences)
     lm_parts, knn_parts, kept = [], [], []
     lm_seconds = retrieval_seconds = 0.0
 
@@ -84,7 +92,7 @@ def evaluate(encoder: Encoder, token_ids: list[int], stores: list[Datastore] | N
     wall0 = time.perf_counter()
     pending = None  # (block, future) whose search is in flight
     with ThreadPoolExecutor(max_workers=1) as pool:
-        blocks = encoder.encode(token_ids, with_logprobs=True, progress=bar)
+        blocks = _chain_blocks(encoder, sequences, bar)
         while True:
             t0 = time.perf_counter()
             block = next(blocks, None)

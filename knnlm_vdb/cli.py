@@ -1,0 +1,361 @@
+"""The ``knnlm-vdb`` command line.
+
+Only this module prints. Errors a user can cause arrive as ``KnnlmError`` and leave as one
+line on stderr with exit code 2; anything else is a bug and keeps its traceback.
+
+Where the datastore lives:
+  ``--datastore DIR``            a FAISS datastore directory;
+  ``--uri U --domain D``         a Milvus collection per domain; U is a local file
+                                 (Milvus Lite, the default ``./knnlm.db``) or ``http://host:19530``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from knnlm_vdb import __version__
+from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.settings import DEFAULTS, KEY_TYPES, env_name
+
+log = logging.getLogger("knnlm_vdb")
+
+TOKEN_ENV = "KNNLM_MILVUS_TOKEN"  # secrets come from the environment, never from argv
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KnnlmError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+def opt(name: str, *decls, **kw):
+    """A click option whose default and env var come from settings.DEFAULTS."""
+    flag = "--" + name.replace("_", "-")
+    kw.setdefault("default", DEFAULTS.get(name))
+    kw.setdefault("show_default", True)
+    return click.option(flag, *decls, envvar=env_name(name), **kw)
+
+
+def model_options(f):
+    for o in reversed([
+        opt("model", help="hub id, local directory, .gguf file, or smollm2-135m (bundled)"),
+        opt("key_type", type=click.Choice(KEY_TYPES), help="which hidden state is the key"),
+        opt("ctx", type=int, help="window length in tokens"),
+        opt("stride", type=int, help="new targets per window; each has >= ctx-stride tokens of context"),
+        opt("batch_size", type=int, help="windows per forward pass"),
+        opt("device", help="auto, cpu or cuda[:N]"),
+        opt("dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
+    ]):
+        f = o(f)
+    return f
+
+
+def location_options(multiple: bool):
+    def deco(f):
+        for o in reversed([
+            click.option("--datastore", "datastores", multiple=multiple, type=click.Path(),
+                         help="FAISS datastore directory" + (" (repeatable)" if multiple else "")),
+            click.option("--backend", type=click.Choice(["faiss", "milvus"]), default=None,
+                         help="faiss when --datastore is given, else milvus"),
+            opt("uri", help="Milvus: local file (Milvus Lite) or http://host:19530; token from $" + TOKEN_ENV),
+            click.option("--domain", "domains", multiple=multiple, default=None,
+                         help="Milvus domain (collection)" + (" (repeatable: merged top-k)" if multiple else "")),
+            opt("consistency", type=click.Choice(["Strong", "Bounded", "Session", "Eventually"]),
+                help="Milvus read consistency"),
+        ]):
+            f = o(f)
+        return f
+    return deco
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def resolve_locations(datastores, backend, uri, domains) -> tuple[str, list[str]]:
+    """-> (backend, [locations]); for Milvus the locations are domain names at ``uri``."""
+    datastores, domains = _as_list(datastores), _as_list(domains)
+    if backend is None:
+        backend = "faiss" if datastores else "milvus"
+    if backend == "faiss":
+        if domains:
+            raise KnnlmError("--domain is for the Milvus backend; a FAISS datastore is a directory (--datastore DIR)")
+        if not datastores:
+            raise KnnlmError("--backend faiss needs --datastore DIR")
+        return backend, datastores
+    if datastores:
+        raise KnnlmError("--datastore is a FAISS directory; for Milvus use --uri and --domain")
+    return backend, domains or ["default"]
+
+
+def milvus_options(consistency: str | None = None) -> dict:
+    o = {"token": os.environ.get(TOKEN_ENV) or None}
+    if consistency:
+        o["consistency"] = consistency
+    return o
+
+
+def open_stores(backend, locations, uri, consistency, encoder=None):
+    from knnlm_vdb.datastore import StoreInfo, open_store
+
+    stores = []
+    for loc in locations:
+        if backend == "faiss":
+            store = open_store("faiss", loc)
+        else:
+            store = open_store("milvus", uri, domain=loc, **milvus_options(consistency))
+        if encoder is not None:
+            store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
+        stores.append(store)
+    return stores
+
+
+def make_encoder(model, key_type, ctx, stride, batch_size, device, dtype):
+    from knnlm_vdb.encoder import Encoder
+    from knnlm_vdb.lm import load_lm
+
+    return Encoder(load_lm(model, device=device, dtype=dtype), key_type=key_type, ctx=ctx, stride=stride,
+                   batch_size=batch_size)
+
+
+def resolve_knn_settings(stores, k, temperature, lmbda) -> tuple[int, float, float]:
+    """Flag or env var, else the setting tuned with the (first) datastore, else the default."""
+    tuned = stores[0].info.extra.get("tuned", {}) if stores else {}
+    k = k if k is not None else int(tuned.get("k", DEFAULTS["k"]))
+    temperature = temperature if temperature is not None else float(tuned.get("temperature", DEFAULTS["temperature"]))
+    lmbda = lmbda if lmbda is not None else float(tuned.get("lambda", DEFAULTS["lambda"]))
+    from knnlm_vdb.knn import check_params
+
+    check_params(lmbda=lmbda, k=k, temperature=temperature)
+    return k, temperature, lmbda
+
+
+def knn_options(f):
+    for o in reversed([
+        click.option("--k", type=int, default=None, envvar=env_name("k"),
+                     help=f"neighbours per query [default: tuned, else {DEFAULTS['k']}]"),
+        click.option("--temperature", "-T", type=float, default=None, envvar=env_name("temperature"),
+                     help=f"softmax temperature over -distance [default: tuned, else {DEFAULTS['temperature']}]"),
+        click.option("--lambda", "lmbda", type=float, default=None, envvar=env_name("lambda"),
+                     help=f"kNN weight in the mixture [default: tuned, else {DEFAULTS['lambda']}]"),
+    ]):
+        f = o(f)
+    return f
+
+
+def read_token_sequences(encoder, corpus_files, max_tokens):
+    from knnlm_vdb.corpus import read_corpora
+
+    sequences, budget = [], max_tokens
+    for doc in read_corpora(corpus_files):
+        ids = encoder.tokenize(doc.text)
+        if budget is not None:
+            ids = ids[: budget + 1]
+            budget -= max(0, len(ids) - 1)
+        if len(ids) >= 2:
+            sequences.append(ids)
+        if budget is not None and budget <= 0:
+            break
+    if not sequences:
+        raise KnnlmError("the corpus has fewer than 2 tokens: nothing to score")
+    return sequences
+
+
+def emit(payload: dict, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(payload, indent=2, default=float))
+    else:
+        for line in lines:
+            click.echo(line)
+
+
+# ---------------------------------------------------------------------------------------------
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.option("-v", "--verbose", count=True, help="-v: progress logs, -vv: debug")
+def main(verbose: int) -> None:
+    """Nearest-neighbour language models backed by a vector database."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        for noisy in ("faiss.loader", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _build_or_append(encoder, corpus, backend, locations, uri, consistency, create, max_tokens, index_options, progress):
+    from knnlm_vdb.corpus import read_corpora
+    from knnlm_vdb.datastore import StoreInfo, create_store
+    from knnlm_vdb.ingest import ingest
+
+    docs = read_corpora(corpus)
+    loc = locations[0]
+    if create:
+        info = StoreInfo.for_encoder(encoder)
+        if backend == "faiss":
+            store = create_store("faiss", loc, info, **index_options)
+        else:
+            store = create_store("milvus", uri, info, domain=loc, **milvus_options(consistency), **index_options)
+    else:
+        (store,) = open_stores(backend, [loc], uri, consistency, encoder)
+    domain = loc if backend == "milvus" else store.describe().get("domain", "default")
+    report = ingest(encoder, store, docs, domain=domain, max_tokens=max_tokens, show_progress=progress)
+    if create and backend == "faiss":
+        store.train()
+    return store, report
+
+
+@main.command()
+@model_options
+@click.option("--corpus", multiple=True, required=True, type=click.Path(), help="text or JSONL file (repeatable)")
+@click.option("--out", "datastores", type=click.Path(), default=None, help="FAISS datastore directory to create")
+@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default=None,
+              help="faiss when --out is given, else milvus")
+@opt("uri", help="Milvus: local file (Milvus Lite) or http://host:19530")
+@click.option("--domain", "domains", default=None, help="Milvus domain (collection) to create")
+@opt("consistency", type=click.Choice(["Strong", "Bounded", "Session", "Eventually"]))
+@click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
+@opt("index", help="FAISS: flat|ivfpq; Milvus: FLAT, IVF_FLAT, HNSW, ... (see README)")
+@click.option("--nlist", type=int, default=None, help="IVF lists [default: ~4·sqrt(n)]")
+@click.option("--pq-m", type=int, default=None, help="FAISS IVFPQ sub-quantizers [default: 64-byte codes]")
+@opt("nprobe", type=int, help="IVF lists visited per query")
+@click.option("--recompute/--no-recompute", default=False, help="FAISS IVFPQ: re-score candidates with exact keys")
+@opt("key_dtype", type=click.Choice(["float16", "float32"]), help="FAISS key storage")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datastores, backend, uri, domains,
+          consistency, max_tokens, index, nlist, pq_m, nprobe, recompute, key_dtype, as_json):
+    """Build a new datastore from corpus files."""
+    backend, locations = resolve_locations(datastores, backend, uri, domains)
+    if max_tokens is not None and max_tokens < 1:
+        raise KnnlmError(f"--max-tokens must be positive, got {max_tokens}")
+    if backend == "faiss":
+        index_options = {"index": index.lower(), "nlist": nlist, "pq_m": pq_m, "nprobe": nprobe,
+                         "recompute": recompute, "key_dtype": key_dtype}
+    else:
+        index_options = {"index_type": index.upper(), "index_params": {"nlist": nlist} if nlist else {},
+                         "search_params": {"nprobe": nprobe} if "IVF" in index.upper() else {}}
+    from knnlm_vdb.corpus import read_corpora
+
+    read_corpora(corpus)  # fail on bad input before loading the model
+    encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
+    store, report = _build_or_append(encoder, corpus, backend, locations, uri, consistency, True, max_tokens,
+                                     index_options, progress=not as_json)
+    desc = store.describe()
+    store.close()
+    emit({**report.to_dict(), "datastore": desc}, as_json, [
+        f"built {desc['count']:,} entries from {report.tokens:,} tokens of {report.documents} document(s) "
+        f"in {report.seconds:.1f}s ({report.tokens / max(report.seconds, 1e-9):.0f} tokens/s)",
+        f"datastore: {desc.get('path') or desc.get('uri')}  index: {desc['index']}",
+    ])
+
+
+@main.command(name="eval")
+@model_options
+@location_options(multiple=True)
+@knn_options
+@click.option("--corpus", multiple=True, required=True, type=click.Path(), help="text or JSONL file to score")
+@click.option("--max-tokens", type=int, default=None, help="score at most this many tokens")
+@click.option("--json", "as_json", is_flag=True, help="print results as JSON")
+def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
+             k, temperature, lmbda, corpus, max_tokens, as_json):
+    """Perplexity of the base LM and the kNN-LM over the same tokens."""
+    from knnlm_vdb.corpus import read_corpora
+    from knnlm_vdb.evaluate import evaluate
+
+    backend, locations = resolve_locations(datastores, backend, uri, domains)
+    if max_tokens is not None and max_tokens < 1:
+        raise KnnlmError(f"--max-tokens must be positive, got {max_tokens}")
+    from knnlm_vdb.knn import check_params
+
+    check_params(lmbda=lmbda, k=k, temperature=temperature)
+    read_corpora(corpus)  # bad input fails before the model loads
+    if backend == "faiss":
+        for d in locations:
+            if not (Path(d) / "meta.json").is_file():
+                raise KnnlmError(f"no FAISS datastore at {d} (missing meta.json); build one with `knnlm-vdb build`")
+    encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
+    stores = open_stores(backend, locations, uri, consistency, encoder)
+    k, temperature, lmbda = resolve_knn_settings(stores, k, temperature, lmbda)
+    sequences = read_token_sequences(encoder, corpus, max_tokens)
+    result = evaluate(encoder, sequences, stores, k=k, temperature=temperature, lmbda=lmbda,
+                      show_progress=not as_json).to_dict()
+    for s in stores:
+        s.close()
+    result["datastores"] = locations
+    result["backend"] = backend
+    emit(result, as_json, [
+        f"tokens          {result['tokens']:,}",
+        f"base LM         perplexity {result['base_ppl']:.3f}   {result['base_tokens_per_s']:.0f} tokens/s",
+        f"kNN-LM          perplexity {result['knnlm_ppl']:.3f}   {result['knnlm_tokens_per_s']:.0f} tokens/s "
+        f"(k={k}, T={temperature}, λ={lmbda}; retrieval {result['retrieval_seconds']:.1f}s)",
+    ])
+
+
+@main.command()
+@model_options
+@location_options(multiple=False)
+@click.option("--valid", "corpus", multiple=True, required=True, type=click.Path(), help="validation text")
+@click.option("--max-tokens", type=int, default=None, help="use at most this many validation tokens")
+@click.option("--max-k", type=int, default=1024, show_default=True, help="largest k tried")
+@click.option("--json", "as_json", is_flag=True)
+def tune(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
+         corpus, max_tokens, max_k, as_json):
+    """Pick k, T and λ on validation text and store them with the datastore."""
+    from knnlm_vdb.corpus import read_corpora
+    from knnlm_vdb.evaluate import evaluate, tune as grid_search
+
+    backend, locations = resolve_locations(datastores, backend, uri, domains)
+    read_corpora(corpus)
+    encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
+    (store,) = open_stores(backend, locations, uri, consistency, encoder)
+    sequences = read_token_sequences(encoder, corpus, max_tokens)
+    res = evaluate(encoder, sequences, [store], k=max_k, keep_neighbours=True, show_progress=not as_json)
+    grid = grid_search(res.neighbours, ks=[k for k in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if k <= max_k])
+    best = grid["best"]
+    store.set_extra("tuned", {"k": best["k"], "temperature": best["temperature"], "lambda": best["lambda"],
+                              "valid_ppl": best["ppl"], "valid_base_ppl": grid["base_ppl"], "valid_tokens": res.tokens})
+    store.close()
+    emit({"best": best, "base_ppl": grid["base_ppl"], "tokens": res.tokens}, as_json, [
+        f"validation tokens {res.tokens:,}: base perplexity {grid['base_ppl']:.3f} -> kNN-LM {best['ppl']:.3f}",
+        f"stored with the datastore: k={best['k']} T={best['temperature']} λ={best['lambda']}",
+    ])
+
+
+@main.command()
+@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="milvus", show_default=True,
+              help="milvus runs on Milvus Lite (an embedded local file)")
+@click.option("--workdir", type=click.Path(), default="./knnlm-demo", show_default=True)
+@opt("model")
+@click.option("--json", "as_json", is_flag=True)
+def demo(backend, workdir, model, as_json):
+    """Build a datastore from the bundled sample, tune on one held-out part, score another."""
+    from knnlm_vdb.demo import run_demo
+
+    result = run_demo(Path(workdir), backend=backend, model=model, show_progress=not as_json)
+    r = result
+    emit(r, as_json, [
+        "",
+        f"datastore   {r['datastore_entries']:,} entries ({r['backend']}) from {r['train_file']}",
+        f"tuned on    {r['valid_tokens']:,} held-out tokens: k={r['k']} T={r['temperature']} λ={r['lambda']}",
+        f"test        {r['tokens']:,} other held-out tokens",
+        f"  base LM   perplexity {r['base_ppl']:.3f}",
+        f"  kNN-LM    perplexity {r['knnlm_ppl']:.3f}  ({100 * (r['knnlm_ppl'] / r['base_ppl'] - 1):+.1f}%)",
+        f"total {r['seconds']:.0f}s",
+    ])
+
+
+def run() -> None:  # pragma: no cover - console entry point alias
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,636 @@
+"""Milvus datastore: one collection per domain, in Milvus Lite (a local ``.db`` path) or a Milvus server.
+
+Naming. A domain ``D`` (letters and digits, words joined by single underscores, at most
+64 characters) is read and written through the alias ``knnlm_D``, which points at the
+collection ``knnlm_D__v1``. A later reindex can build ``knnlm_D__v2`` and swap the alias,
+so readers never see a half-built index. Where the server has no aliases (older Milvus
+Lite builds) the collection itself is called ``knnlm_D``. Double underscores are not
+allowed in domain names, so ``__v<N>`` can never be mistaken for part of a domain.
+
+Schema: ``id`` INT64 primary key (``base.entry_ids``: deterministic, so re-adding a row is a
+no-op), ``key`` FLOAT_VECTOR(dim), ``target`` INT32 (the next token), ``doc_id``
+VARCHAR(1024), ``position`` INT64. Metric L2: Milvus returns squared L2, like FAISS.
+
+Metadata: the collection property ``knnlm.meta`` holds JSON
+``{format_version, domain, info: StoreInfo, index: {type, build_params, search_params}}``.
+Properties work on Milvus Lite and on the server (Lite drops the schema description) and
+travel with the collection.
+
+URIs: a local path ending in ``.db`` is Milvus Lite; ``http(s)://host:port`` is a server,
+whose token comes from the ``token=`` option (the CLI reads ``KNNLM_MILVUS_TOKEN``) and is
+never logged. Connecting gives up after ``timeout`` seconds (default 10).
+
+Behaviour observed with pymilvus 3.0.2, Milvus Lite 3.2.2 and a Milvus 2.3.5 standalone
+server: both support aliases, collection properties and ``count(*)``; Lite 3.2.2 also
+builds IVF_SQ8 and HNSW_SQ, but we only allow FLAT/IVF_FLAT/HNSW there, which every Lite
+release supports. The server reports 0 rows in collection statistics until a flush, so
+``count()`` uses ``count(*)``. Lite searches brute force (FLAT segments and unflushed rows)
+with an ``[nq, n, dim]`` float32 temporary, so Lite query batches are sized to bound it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlparse, urlunparse
+
+import numpy as np
+
+from knnlm_vdb.datastore.base import Datastore, StoreInfo, pad_results
+from knnlm_vdb.errors import KnnlmError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PREFIX = "knnlm_"
+META_PROPERTY = "knnlm.meta"
+DOC_ID_MAX_BYTES = 1024
+MAX_TOPK = 16384  # Milvus rejects limit > 16384
+MAX_NQ = 16384  # and more than 16384 query vectors per search
+RPC_BUDGET_BYTES = 32 << 20  # one gRPC message carries at most 64 MB; stay at half of it
+BYTES_PER_HIT = 32  # id (<=10 B varint) + score (4 B) + target (<=5 B) + framing, rounded up
+INSERT_BATCH_BYTES = 16 << 20
+ID_CHECK_BATCH = 4096  # ids per "id in [...]" query when looking for rows already stored
+LITE_SCRATCH_BYTES = 256 << 20  # bound on Lite's [nq, n, dim] brute-force temporary
+LITE_MEMTABLE_BYTES = 128 << 20  # Lite's default memtable budget: rows it brute-forces unflushed
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")
+LITE_INDEXES = ("FLAT", "IVF_FLAT", "HNSW")
+CPU_INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW")
+GPU_INDEXES = ("GPU_CAGRA", "GPU_IVF_FLAT", "GPU_IVF_PQ", "GPU_BRUTE_FORCE")
+# Whether a server has GPU indexes is only known once it answers, so plain "server" allows both.
+DEPLOYMENT_INDEXES = {"lite": LITE_INDEXES, "server-cpu": CPU_INDEXES, "server-gpu": GPU_INDEXES,
+                      "server": CPU_INDEXES + GPU_INDEXES}
+
+_INT32_MAX = 2**31 - 1
+_NLIST = ("int", 1, 65536)
+_NPROBE = ("int", 1, 65536)
+_PQ = {"nlist": _NLIST, "m": ("int", 1, 65536), "nbits": ("int", 1, 16)}
+# index type -> (build parameters, search parameters); each parameter -> ("int", lo, hi) or ("str", choices)
+_PARAMS: dict[str, tuple[dict, dict]] = {
+    "FLAT": ({}, {}),
+    "IVF_FLAT": ({"nlist": _NLIST}, {"nprobe": _NPROBE}),
+    "IVF_SQ8": ({"nlist": _NLIST}, {"nprobe": _NPROBE}),
+    "IVF_PQ": (_PQ, {"nprobe": _NPROBE}),
+    "HNSW": ({"M": ("int", 2, 2048), "efConstruction": ("int", 1, _INT32_MAX)}, {"ef": ("int", 1, _INT32_MAX)}),
+    "GPU_CAGRA": ({"intermediate_graph_degree": ("int", 1, 1024), "graph_degree": ("int", 1, 1024),
+                   "build_algo": ("str", ("IVF_PQ", "NN_DESCENT")),
+                   "cache_dataset_on_device": ("str", ("true", "false"))},
+                  {"itopk_size": ("int", 1, 4096), "search_width": ("int", 1, 1024),
+                   "min_iterations": ("int", 0, _INT32_MAX), "max_iterations": ("int", 0, _INT32_MAX),
+                   "team_size": ("int", 0, 32)}),
+    "GPU_IVF_FLAT": ({"nlist": _NLIST}, {"nprobe": _NPROBE}),
+    "GPU_IVF_PQ": (_PQ, {"nprobe": _NPROBE}),
+    "GPU_BRUTE_FORCE": ({}, {}),
+}
+_DEFAULT_BUILD = {
+    "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}, "IVF_PQ": {"nlist": 1024, "nbits": 8},
+    "HNSW": {"M": 16, "efConstruction": 200},
+    "GPU_CAGRA": {"intermediate_graph_degree": 64, "graph_degree": 32},
+    "GPU_IVF_FLAT": {"nlist": 1024}, "GPU_IVF_PQ": {"nlist": 1024, "nbits": 8},
+}
+# Largest k each index type returns in full. GPU limits differ between Milvus releases and
+# their docs (GPU_IVF_FLAT is documented as 256 in some and 2048 in others): we use the
+# smallest documented value, so a search never silently returns fewer neighbours.
+_MAX_K = {"GPU_CAGRA": 1024, "GPU_IVF_PQ": 1024, "GPU_IVF_FLAT": 256}
+_DOMAIN_RE = re.compile(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*")
+
+
+# ---- index configuration ------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexConfig:
+    """A validated Milvus index: type, build parameters and the user's search parameters."""
+
+    index_type: str
+    build_params: dict = field(default_factory=dict)
+    search_params: dict = field(default_factory=dict)
+
+    def search_request(self, k: int, deployment: str = "server") -> dict:
+        """``search_params`` for one search of ``k`` neighbours, k-dependent defaults filled in."""
+        validate_index(self.index_type, self.build_params, self.search_params, k=k, deployment=deployment)
+        params = dict(self.search_params)
+        if self.index_type == "HNSW":
+            params.setdefault("ef", max(k, 64))  # ef < k makes Milvus return fewer than k hits
+        elif self.index_type == "GPU_CAGRA":
+            params.setdefault("itopk_size", max(64, -(-k // 32) * 32))
+        elif "nlist" in self.build_params:
+            params.setdefault("nprobe", min(32, self.build_params["nlist"]))
+        return {"metric_type": "L2", "params": params}
+
+    def to_dict(self) -> dict:
+        return {"type": self.index_type, "build_params": dict(self.build_params),
+                "search_params": dict(self.search_params), "metric": "L2"}
+
+
+def _check_param(kind: str, index_type: str, name: str, value, spec) -> None:
+    if spec[0] == "int":
+        _, lo, hi = spec
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise KnnlmError(f"{index_type} {kind} parameter {name}={value!r} must be an integer in [{lo}, {hi}]")
+    elif value not in spec[1]:
+        raise KnnlmError(f"{index_type} {kind} parameter {name}={value!r} must be one of {', '.join(spec[1])}")
+
+
+def validate_index(index_type: str, build_params: dict | None = None, search_params: dict | None = None,
+                   k: int | None = None, deployment: str = "server", dim: int | None = None) -> IndexConfig:
+    """Check an index configuration before anything reaches Milvus; return it with defaults.
+
+    ``deployment`` is ``lite``, ``server`` (CPU or GPU: unknown until it answers),
+    ``server-cpu`` or ``server-gpu``. ``k`` (the neighbours a search asks for) and ``dim``
+    enable the checks that depend on them. Raises ``KnnlmError`` naming the bad value.
+    """
+    if deployment not in DEPLOYMENT_INDEXES:
+        raise KnnlmError(f"unknown Milvus deployment {deployment!r}: use one of {', '.join(DEPLOYMENT_INDEXES)}")
+    if not isinstance(index_type, str):
+        raise KnnlmError(f"Milvus index type must be a string, got {index_type!r}")
+    itype = index_type.upper()
+    allowed = DEPLOYMENT_INDEXES[deployment]
+    if itype not in allowed:
+        where = "Milvus Lite" if deployment == "lite" else f"a Milvus {deployment.replace('-', ' ')}"
+        raise KnnlmError(f"index type {index_type!r} is not supported by {where}; use one of {', '.join(allowed)}")
+    for kind, given in (("build", build_params), ("search", search_params)):
+        if given is not None and not isinstance(given, dict):
+            raise KnnlmError(f"Milvus {kind} parameters must be a mapping, got {given!r}")
+    build_spec, search_spec = _PARAMS[itype]
+    build = {**_DEFAULT_BUILD.get(itype, {}), **(build_params or {})}
+    search = dict(search_params or {})
+    for kind, params, spec in (("build", build, build_spec), ("search", search, search_spec)):
+        for name, value in params.items():
+            if name not in spec:
+                known = ", ".join(spec) or "none"
+                raise KnnlmError(f"unknown {itype} {kind} parameter {name!r} (known: {known})")
+            _check_param(kind, itype, name, value, spec[name])
+    if itype in ("IVF_PQ", "GPU_IVF_PQ"):
+        if dim is not None:
+            build.setdefault("m", max(m for m in range(1, min(64, dim) + 1) if dim % m == 0))
+            if dim % build["m"]:
+                raise KnnlmError(f"{itype} m={build['m']} must divide the key dimension {dim}")
+    if "nprobe" in search and search["nprobe"] > build["nlist"]:
+        raise KnnlmError(f"{itype} nprobe={search['nprobe']} exceeds nlist={build['nlist']}; "
+                         f"a search cannot probe more lists than the index has")
+    if itype == "GPU_CAGRA" and build["graph_degree"] > build["intermediate_graph_degree"]:
+        raise KnnlmError(f"GPU_CAGRA graph_degree={build['graph_degree']} must not exceed "
+                         f"intermediate_graph_degree={build['intermediate_graph_degree']}")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise KnnlmError(f"--k must be a positive integer, got {k!r}")
+        if k > MAX_TOPK:
+            raise KnnlmError(f"--k {k} exceeds {MAX_TOPK}, the most neighbours Milvus returns per query")
+        if k > _MAX_K.get(itype, MAX_TOPK):
+            raise KnnlmError(f"--k {k} exceeds {_MAX_K[itype]}, the most neighbours {itype} returns per query")
+        if itype == "HNSW" and "ef" in search and search["ef"] < k:
+            raise KnnlmError(f"HNSW ef={search['ef']} is smaller than --k {k}; Milvus would return fewer "
+                             f"than k neighbours. Use ef >= k (or leave ef unset for max(k, 64))")
+        if itype == "GPU_CAGRA" and "itopk_size" in search and search["itopk_size"] < k:
+            raise KnnlmError(f"GPU_CAGRA itopk_size={search['itopk_size']} is smaller than --k {k}; use itopk_size >= k")
+    return IndexConfig(itype, build, search)
+
+
+def _check_consistency(level: str) -> str:
+    for name in CONSISTENCY_LEVELS:
+        if isinstance(level, str) and level.lower() == name.lower():
+            return name
+    raise KnnlmError(f"unknown Milvus consistency level {level!r}: use one of {', '.join(CONSISTENCY_LEVELS)}")
+
+
+def check_domain(domain: str) -> str:
+    """A domain name usable inside a collection name; refuse anything else with a clear message."""
+    if not isinstance(domain, str) or len(domain) > 64 or not _DOMAIN_RE.fullmatch(domain):
+        raise KnnlmError(f"invalid domain {domain!r}: use letters and digits, words joined by single "
+                         f"underscores, at most 64 characters (e.g. python_docs)")
+    return domain
+
+
+def alias_name(domain: str) -> str:
+    """Name readers use for a domain: an alias, or the collection itself without alias support."""
+    return PREFIX + check_domain(domain)
+
+
+def collection_name(domain: str, generation: int = 1) -> str:
+    """Physical collection behind the alias of ``domain``."""
+    return f"{alias_name(domain)}__v{generation}"
+
+
+# ---- connections ----------------------------------------------------------------------------
+def deployment_of(uri: str) -> str:
+    """``lite`` for a local ``.db`` path, ``server`` for an http(s)/tcp URI; anything else is refused."""
+    if not isinstance(uri, str) or not uri:
+        raise KnnlmError(f"empty Milvus --uri: use a local path ending in .db (Milvus Lite) or http://host:19530")
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("http", "https", "tcp"):
+        return "server"
+    if uri.endswith(".db") and (not scheme or len(scheme) == 1):  # len 1: a Windows drive letter
+        return "lite"
+    raise KnnlmError(f"Milvus --uri {uri!r} must be a local path ending in .db (Milvus Lite) "
+                     f"or a server address such as http://localhost:19530")
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without any user:password part, safe to log and print."""
+    parsed = urlparse(uri)
+    if parsed.scheme and (parsed.username or parsed.password):
+        host = parsed.hostname or ""
+        netloc = f"***@{host}" + (f":{parsed.port}" if parsed.port else "")
+        return urlunparse(parsed._replace(netloc=netloc))
+    return uri
+
+
+def _connect(uri: str, token: str | None = None, timeout: float | None = None, db_name: str | None = None,
+             must_exist: bool = True):
+    """A ``MilvusClient`` for ``uri``, or a ``KnnlmError`` within about ``timeout`` seconds."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    deployment = deployment_of(uri)
+    timeout = DEFAULT_CONNECT_TIMEOUT if timeout is None else float(timeout)
+    shown = redact_uri(uri)
+    if deployment == "lite":
+        parent = os.path.dirname(os.path.abspath(uri))
+        if must_exist and not os.path.exists(uri):
+            raise KnnlmError(f"no Milvus Lite database at {uri}; build one first (or check --uri)")
+        os.makedirs(parent, exist_ok=True)
+    try:
+        client = MilvusClient(uri=uri, token=token or "", db_name=db_name or "", timeout=timeout)
+    except MilvusException as exc:
+        raise KnnlmError(f"cannot connect to Milvus at {shown} within {timeout:g}s: {exc.message}") from None
+    except Exception as exc:  # grpc/URI errors that pymilvus does not wrap
+        raise KnnlmError(f"cannot connect to Milvus at {shown}: {exc}") from None
+    log.debug("connected to Milvus at %s", shown)
+    return client
+
+
+@contextmanager
+def _rpc(what: str, uri: str):
+    """Turn a Milvus failure into a one-line ``KnnlmError`` naming the operation and server."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        yield
+    except MilvusException as exc:
+        raise KnnlmError(f"Milvus {what} at {redact_uri(uri)} failed: {exc.message}") from None
+
+
+def _supports_aliases(client) -> bool:
+    """Older Milvus Lite builds answer alias calls with an error; there we use collections directly."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        client.list_aliases()
+        return True
+    except MilvusException as exc:
+        log.info("Milvus at this URI has no aliases (%s); using collections directly", exc.message)
+        return False
+
+
+def _read_meta(client, name: str) -> tuple[dict, dict]:
+    """The collection's description and its knnlm metadata, or ({}, {}) for foreign collections."""
+    desc = client.describe_collection(name)
+    raw = (desc.get("properties") or {}).get(META_PROPERTY)
+    if raw is None:
+        return desc, {}
+    try:
+        return desc, json.loads(raw)
+    except ValueError:
+        raise KnnlmError(f"corrupt knnlm metadata on Milvus collection {desc.get('collection_name', name)}") from None
+
+
+def _domain_collections(client) -> dict[str, list[str]]:
+    """domain -> physical collections that carry its metadata (more than one mid-reindex)."""
+    found: dict[str, list[str]] = {}
+    for name in sorted(client.list_collections()):
+        if not name.startswith(PREFIX):
+            continue
+        _, meta = _read_meta(client, name)
+        if meta.get("domain"):
+            found.setdefault(meta["domain"], []).append(name)
+    return found
+
+
+def list_domains(uri: str, token: str | None = None, timeout: float | None = None,
+                 db_name: str | None = None) -> list[str]:
+    """Domains stored at ``uri`` (sorted), for ``knnlm-vdb domains list``."""
+    client = _connect(uri, token, timeout, db_name)
+    try:
+        with _rpc("list collections", uri):
+            return sorted(_domain_collections(client))
+    finally:
+        client.close()
+
+
+def drop_domain(uri: str, domain: str, token: str | None = None, timeout: float | None = None,
+                db_name: str | None = None) -> list[str]:
+    """Delete a domain: its alias and every collection holding it. Returns the dropped collections."""
+    check_domain(domain)
+    client = _connect(uri, token, timeout, db_name)
+    try:
+        with _rpc(f"drop domain {domain}", uri):
+            names = _domain_collections(client).get(domain, [])
+            if not names:
+                raise KnnlmError(f"no domain {domain!r} at {redact_uri(uri)}")
+            if _supports_aliases(client) and alias_name(domain) in client.list_aliases().get("aliases", []):
+                client.drop_alias(alias_name(domain))
+            for name in names:
+                client.drop_collection(name)
+        log.info("dropped domain %s (%s) at %s", domain, ", ".join(names), redact_uri(uri))
+        return names
+    finally:
+        client.close()
+
+
+_CONN_OPTIONS = ("token", "timeout", "db_name")
+_INDEX_OPTIONS = ("index_type", "index_params", "search_params", "consistency", "k")
+
+
+def _split_options(options: dict) -> tuple[dict, dict]:
+    unknown = sorted(set(options) - set(_CONN_OPTIONS) - set(_INDEX_OPTIONS))
+    if unknown:
+        raise KnnlmError(f"unknown Milvus option(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(_CONN_OPTIONS + _INDEX_OPTIONS)}")
+    conn = {k: options[k] for k in _CONN_OPTIONS if k in options}
+    idx = {k: options[k] for k in _INDEX_OPTIONS if options.get(k) is not None}
+    return conn, idx
+
+
+# ---- the datastore ------------------------------------------------------------------------------
+class MilvusDatastore(Datastore):
+    """Keys of one domain in a Milvus collection, searched by squared L2 with the configured index."""
+
+    def __init__(self, client, uri: str, domain: str, name: str, meta: dict, index: IndexConfig,
+                 consistency: str = "Strong"):
+        self.client = client
+        self.uri = uri
+        self.domain = domain
+        self.name = name  # alias (or the collection itself): what every request names
+        self.meta = meta
+        self.info = StoreInfo.from_dict(meta["info"])
+        self.index = index
+        self.consistency = consistency
+        self.deployment = deployment_of(uri)
+        self._dirty = False
+        self._count_hint = self.count()
+
+    # ---- creation / opening -------------------------------------------------------------------
+    @classmethod
+    def create(cls, uri: str, domain: str, info: StoreInfo, **options) -> "MilvusDatastore":
+        """Create the collection (and alias) for a new domain.
+
+        Options: ``index_type`` (FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW, GPU_*; default FLAT),
+        ``index_params`` (build), ``search_params`` (ef, nprobe, ...), ``consistency``
+        (default Strong), ``k`` (the neighbours searches will ask for, to check ef/itopk/limits
+        now rather than at the first search), and connection options ``token``, ``timeout``
+        (seconds to connect, default 10), ``db_name``. Everything is validated before the
+        server is contacted.
+        """
+        conn, idx = _split_options(options)
+        check_domain(domain)
+        consistency = _check_consistency(idx.get("consistency", "Strong"))
+        deployment = deployment_of(uri)
+        index = validate_index(idx.get("index_type", "FLAT"), idx.get("index_params"), idx.get("search_params"),
+                               k=idx.get("k"), deployment=deployment, dim=info.dim)
+        client = _connect(uri, must_exist=False, **conn)
+        try:
+            with _rpc(f"create domain {domain}", uri):
+                alias = alias_name(domain)
+                if client.has_collection(alias):
+                    raise KnnlmError(f"domain {domain!r} already exists at {redact_uri(uri)}; append to it, "
+                                     f"or drop it first (knnlm-vdb domains drop)")
+                aliases = _supports_aliases(client)
+                physical = collection_name(domain) if aliases else alias
+                if aliases and client.has_collection(physical):
+                    raise KnnlmError(f"collection {physical} exists without its alias {alias} (an interrupted "
+                                     f"create?); remove it with `knnlm-vdb domains drop {domain}`")
+                meta = {"format_version": FORMAT_VERSION, "domain": domain, "info": info.to_dict(),
+                        "index": index.to_dict()}
+                try:
+                    cls._create_collection(client, physical, info.dim, index, consistency, meta)
+                    if aliases:
+                        client.create_alias(physical, alias)
+                except BaseException:  # e.g. the server has no such index: leave nothing half-made behind
+                    if client.has_collection(physical):
+                        client.drop_collection(physical)
+                    raise
+            log.info("created Milvus domain %s (collection %s, %s) at %s", domain, physical, index.index_type,
+                     redact_uri(uri))
+            return cls(client, uri, domain, alias, meta, index, consistency)
+        except BaseException:
+            client.close()
+            raise
+
+    @staticmethod
+    def _create_collection(client, name: str, dim: int, index: IndexConfig, consistency: str, meta: dict) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("key", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("target", DataType.INT32)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=DOC_ID_MAX_BYTES)
+        schema.add_field("position", DataType.INT64)
+        index_params = client.prepare_index_params()
+        index_params.add_index(field_name="key", index_type=index.index_type, metric_type="L2",
+                               params=dict(index.build_params))
+        client.create_collection(name, schema=schema, index_params=index_params, consistency_level=consistency,
+                                 properties={META_PROPERTY: json.dumps(meta, sort_keys=True)})
+
+    @classmethod
+    def open(cls, uri: str, domain: str = "default", **options) -> "MilvusDatastore":
+        """Open an existing domain. ``search_params`` and ``consistency`` may override the stored
+        ones for this session; ``index_type``/``index_params`` must match what the domain was built with."""
+        conn, idx = _split_options(options)
+        check_domain(domain)
+        consistency = _check_consistency(idx.get("consistency", "Strong"))
+        client = _connect(uri, **conn)
+        try:
+            with _rpc(f"open domain {domain}", uri):
+                name = alias_name(domain)
+                if not client.has_collection(name):
+                    known = sorted(_domain_collections(client))
+                    raise KnnlmError(f"no domain {domain!r} at {redact_uri(uri)} (domains there: "
+                                     f"{', '.join(known) or 'none'}); build it first")
+                desc, meta = _read_meta(client, name)
+                if not meta:
+                    raise KnnlmError(f"Milvus collection {desc.get('collection_name', name)} was not created by "
+                                     f"knnlm-vdb (no {META_PROPERTY} property)")
+                if meta.get("format_version", 0) > FORMAT_VERSION:
+                    raise KnnlmError(f"domain {domain!r} has format {meta['format_version']}, newer than this "
+                                     f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
+                stored = meta["index"]
+                if "index_type" in idx and idx["index_type"].upper() != stored["type"]:
+                    raise KnnlmError(f"domain {domain!r} is indexed with {stored['type']}, not "
+                                     f"{idx['index_type']}; reindex it to change the index type")
+                if "index_params" in idx and {**stored["build_params"], **idx["index_params"]} != stored["build_params"]:
+                    raise KnnlmError(f"domain {domain!r} was built with index parameters {stored['build_params']}; "
+                                     f"reindex it to change them")
+                search = idx.get("search_params", stored.get("search_params") or {})
+                index = validate_index(stored["type"], stored["build_params"], search, k=idx.get("k"),
+                                       deployment=deployment_of(uri), dim=meta["info"]["dim"])
+                state = client.get_load_state(name)["state"]
+                if getattr(state, "name", str(state)) != "Loaded":
+                    log.info("loading Milvus collection %s into memory", name)
+                    client.load_collection(name)
+            return cls(client, uri, domain, name, meta, index, consistency)
+        except BaseException:
+            client.close()
+            raise
+
+    # ---- writing ----------------------------------------------------------------------------
+    def _physical(self) -> str:
+        """The collection the alias points at now (re-read: a reindex may have swapped it)."""
+        return self.client.describe_collection(self.name)["collection_name"]
+
+    def _existing(self, ids: np.ndarray) -> set[int]:
+        found: set[int] = set()
+        for i in range(0, len(ids), ID_CHECK_BATCH):
+            chunk = ids[i:i + ID_CHECK_BATCH].tolist()
+            rows = self.client.query(self.name, filter=f"id in {chunk}", output_fields=["id"],
+                                     consistency_level="Strong")
+            found.update(int(r["id"]) for r in rows)
+        return found
+
+    def add(self, ids, keys, values, doc_ids=None, positions=None) -> int:
+        """Store rows whose ids are not there yet; return how many were new.
+
+        Rows are upserted, so two writers racing on the same ids still leave one row each.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        keys = np.asarray(keys, dtype=np.float32)
+        values = np.asarray(values, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        if keys.ndim != 2 or keys.shape[1] != self.info.dim:
+            raise KnnlmError(f"keys have shape {keys.shape}, datastore dimension is {self.info.dim}")
+        positions = np.full(n, -1, np.int64) if positions is None else np.asarray(positions, np.int64).reshape(-1)
+        doc_ids = [""] * n if doc_ids is None else list(doc_ids)
+        if not (len(keys) == len(values) == len(positions) == len(doc_ids) == n):
+            raise KnnlmError(f"add() got {n} ids, {len(keys)} keys, {len(values)} values, "
+                             f"{len(positions)} positions and {len(doc_ids)} document ids")
+        if n == 0:
+            return 0
+        too_long = next((d for d in doc_ids if len(str(d).encode()) > DOC_ID_MAX_BYTES), None)
+        if too_long is not None:
+            raise KnnlmError(f"document id {str(too_long)[:40]!r}... is longer than {DOC_ID_MAX_BYTES} bytes")
+        _, first = np.unique(ids, return_index=True)  # a duplicate inside one batch counts once
+        first.sort()
+        with _rpc(f"add to {self.name}", self.uri):
+            existing = self._existing(ids[first])
+            new = np.array([i for i in first if int(ids[i]) not in existing], dtype=np.int64)
+            if len(new) == 0:
+                return 0
+            row_bytes = 4 * self.info.dim + 64 + max(len(str(d)) for d in doc_ids)
+            batch = max(1, INSERT_BATCH_BYTES // row_bytes)
+            for s in range(0, len(new), batch):
+                sel = new[s:s + batch]
+                rows = [{"id": i, "key": k, "target": v, "doc_id": str(doc_ids[j]), "position": p}
+                        for j, i, k, v, p in zip(sel.tolist(), ids[sel].tolist(), keys[sel], values[sel].tolist(),
+                                                 positions[sel].tolist())]
+                self.client.upsert(self.name, rows)
+        self._dirty = True
+        self._count_hint += len(new)
+        return int(len(new))
+
+    def flush(self) -> None:
+        """Seal what was added so it is durable and gets indexed (a no-op when nothing was added)."""
+        if not self._dirty:
+            return
+        with _rpc(f"flush {self.name}", self.uri):
+            self.client.flush(self._physical())
+        self._dirty = False
+
+    def wait_for_index(self, timeout_s: float = 3600.0, poll_s: float = 2.0) -> dict:
+        """Block until the server has indexed every flushed row (benchmarks: time searches on the index)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        with _rpc(f"describe index of {self.name}", self.uri):
+            physical = self._physical()
+            while True:
+                state = self.client.describe_index(physical, "key")
+                if not state.get("pending_index_rows") or time.monotonic() > deadline:
+                    return state
+                time.sleep(poll_s)
+
+    def set_extra(self, key: str, value) -> None:
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise KnnlmError(f"setting {key!r} is not JSON-serialisable: {value!r}") from None
+        self.meta["info"].setdefault("extra", {})[key] = value
+        with _rpc(f"set {key} on {self.name}", self.uri):
+            self.client.alter_collection_properties(
+                self._physical(), properties={META_PROPERTY: json.dumps(self.meta, sort_keys=True)})
+        self.info.extra[key] = value
+
+    # ---- reading ----------------------------------------------------------------------------
+    def count(self) -> int:
+        """Rows a reader sees now: ``count(*)`` at Strong consistency (statistics lag until a flush)."""
+        with _rpc(f"count {self.name}", self.uri):
+            res = self.client.query(self.name, filter="", output_fields=["count(*)"], consistency_level="Strong")
+        return int(res[0]["count(*)"])
+
+    def queries_per_call(self, k: int) -> int:
+        """Queries per search RPC: request and result under the RPC budget, Lite's scratch bounded."""
+        nq = min(MAX_NQ, RPC_BUDGET_BYTES // (k * BYTES_PER_HIT), RPC_BUDGET_BYTES // (4 * self.info.dim))
+        if self.deployment == "lite":
+            rows = self._count_hint
+            if self.index.index_type != "FLAT":  # indexed segments use faiss; only unflushed rows are brute-forced
+                rows = min(rows, LITE_MEMTABLE_BYTES // (4 * self.info.dim) + 1)
+            nq = min(nq, LITE_SCRATCH_BYTES // max(1, 4 * self.info.dim * rows))
+        return max(1, nq)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        request = self.index.search_request(k, self.deployment)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.info.dim:
+            raise KnnlmError(f"queries have shape {queries.shape}, datastore dimension is {self.info.dim}")
+        dists: list = []
+        vals: list = []
+        step = self.queries_per_call(k)
+        with _rpc(f"search {self.name}", self.uri):
+            for i in range(0, len(queries), step):
+                res = self.client.search(self.name, data=queries[i:i + step], limit=k, anns_field="key",
+                                         search_params=request, output_fields=["target"],
+                                         consistency_level=self.consistency)
+                for hits in res:
+                    dists.append(hits.distances)
+                    vals.append([h["entity"]["target"] for h in hits])
+        return pad_results(dists, vals, k)
+
+    def describe(self) -> dict:
+        with _rpc(f"describe {self.name}", self.uri):
+            physical = self._physical()
+            try:
+                state = self.client.describe_index(physical, "key")
+                index_state = {k: state[k] for k in ("total_rows", "indexed_rows", "pending_index_rows", "state")
+                               if k in state}
+            except Exception as exc:  # informative only; never fail describe over it
+                index_state = {"error": str(exc)}
+        return {
+            "backend": "milvus",
+            "uri": redact_uri(self.uri),
+            "deployment": self.deployment,
+            "domain": self.domain,
+            "collection": physical,
+            "alias": self.name if physical != self.name else None,
+            "count": self.count(),
+            "dim": self.info.dim,
+            "model": self.info.model,
+            "key_type": self.info.key_type,
+            "tokenizer": self.info.tokenizer,
+            "vocab_size": self.info.vocab_size,
+            "index": {**self.index.to_dict(), **index_state},
+            "consistency": self.consistency,
+            "extra": dict(self.info.extra),
+        }
+
+    def close(self) -> None:
+        if self.client is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self.client.close()
+            self.client = None
