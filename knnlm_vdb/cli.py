@@ -353,8 +353,8 @@ def demo(backend, workdir, model, as_json):
     ])
 
 
-def run() -> None:  # pragma: no cover - console entry point alias
-    main()
+# ---- commands that live beside the concept they drive ------------------------------------------
+# (each line: `from knnlm_vdb.X import cmd; main.add_command(cmd)`)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,20 +36,21 @@ def sliding_windows(n_tokens: int, ctx: int, stride: int) -> list[Window]:
     """Windows that score every token after the first exactly once.
 
     The first window scores all its targets; each later one scores only its last
-    ``stride`` targets, so each of those sees at least ``ctx - stride`` tokens of context.
+    ``stride`` targets (at most ctx-1), so each of those sees at least ``ctx - stride`` tokens of context.
     """
     if ctx < 2:
         raise KnnlmError(f"--ctx must be at least 2, got {ctx}")
     if not 1 <= stride <= ctx:
         raise KnnlmError(f"--stride must be between 1 and --ctx ({ctx}), got {stride}")
     windows = []
+    step = min(stride, ctx - 1)  # a window's first target needs the token before it inside the window
     scored_until = 1  # position 0 has no context, so it is never a target
     end = min(ctx, n_tokens)
     while scored_until < n_tokens:
         begin = max(0, end - ctx)
         windows.append(Window(begin, end, scored_until))
         scored_until = end
-        end = min(end + stride, n_tokens)
+        end = min(end + step, n_tokens)
     return windows
 
 

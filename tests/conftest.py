@@ -82,3 +82,32 @@ def corpus_file(tmp_path):
     p = tmp_path / "corpus.txt"
     p.write_text(TINY_TEXT)
     return p
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus standalone server (PyPI ``milvus``) for the whole session, on a free port.
+
+    Never skipped when CI=true: a server that does not start fails the tests that need it.
+    Locally, KNNLM_SKIP_MILVUS_SERVER=1 skips them instead.
+    """
+    import os
+
+    from milvus_server import MilvusTestServer
+
+    if os.environ.get("KNNLM_SKIP_MILVUS_SERVER") and os.environ.get("CI", "").lower() != "true":
+        pytest.skip("KNNLM_SKIP_MILVUS_SERVER is set")
+    server = MilvusTestServer(tmp_path_factory.mktemp("milvus-server"))
+    try:
+        server.start()
+    except Exception as exc:
+        pytest.fail(f"the Milvus test server did not start: {exc}\n{server.log_tail()}", pytrace=False)
+    pid = server.pid
+    yield server
+    server.stop()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        pass
+    else:
+        pytest.fail(f"the Milvus test server (pid {pid}) is still running after stop()", pytrace=False)

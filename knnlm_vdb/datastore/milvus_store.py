@@ -305,7 +305,11 @@ def _domain_collections(client) -> dict[str, list[str]]:
     for name in sorted(client.list_collections()):
         if not name.startswith(PREFIX):
             continue
-        _, meta = _read_meta(client, name)
+        try:
+            _, meta = _read_meta(client, name)
+        except KnnlmError as exc:  # someone else's collection: list the others rather than fail
+            log.warning("skipping %s: %s", name, exc)
+            continue
         if meta.get("domain"):
             found.setdefault(meta["domain"], []).append(name)
     return found

@@ -1,0 +1,143 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KnnSettings(_message.Message):
+    __slots__ = ("lmbda", "k", "temperature")
+    LMBDA_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    lmbda: float
+    k: int
+    temperature: float
+    def __init__(self, lmbda: _Optional[float] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("text", "domains", "settings")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    settings: KnnSettings
+    def __init__(self, text: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("token_ids", "tokens", "base_logprobs", "knn_logprobs", "logprobs", "scored_tokens", "base_ppl", "knnlm_ppl", "settings", "domains")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BASE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    KNN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    SCORED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BASE_PPL_FIELD_NUMBER: _ClassVar[int]
+    KNNLM_PPL_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    base_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    knn_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    scored_tokens: int
+    base_ppl: float
+    knnlm_ppl: float
+    settings: KnnSettings
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., base_logprobs: _Optional[_Iterable[float]] = ..., knn_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., scored_tokens: _Optional[int] = ..., base_ppl: _Optional[float] = ..., knnlm_ppl: _Optional[float] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NextTokenRequest(_message.Message):
+    __slots__ = ("context", "top_n", "domains", "settings")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    context: str
+    top_n: int
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    settings: KnnSettings
+    def __init__(self, context: _Optional[str] = ..., top_n: _Optional[int] = ..., domains: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ...) -> None: ...
+
+class TokenProbability(_message.Message):
+    __slots__ = ("token_id", "token", "prob", "base_prob", "knn_prob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROB_FIELD_NUMBER: _ClassVar[int]
+    BASE_PROB_FIELD_NUMBER: _ClassVar[int]
+    KNN_PROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    prob: float
+    base_prob: float
+    knn_prob: float
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., prob: _Optional[float] = ..., base_prob: _Optional[float] = ..., knn_prob: _Optional[float] = ...) -> None: ...
+
+class NextTokenResponse(_message.Message):
+    __slots__ = ("candidates", "settings", "domains")
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[TokenProbability]
+    settings: KnnSettings
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, candidates: _Optional[_Iterable[_Union[TokenProbability, _Mapping]]] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Document(_message.Message):
+    __slots__ = ("id", "text")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class AppendRequest(_message.Message):
+    __slots__ = ("domain", "document")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    document: Document
+    def __init__(self, domain: _Optional[str] = ..., document: _Optional[_Union[Document, _Mapping]] = ...) -> None: ...
+
+class AppendResponse(_message.Message):
+    __slots__ = ("documents", "tokens", "added", "skipped", "count")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    documents: int
+    tokens: int
+    added: int
+    skipped: int
+    count: int
+    def __init__(self, documents: _Optional[int] = ..., tokens: _Optional[int] = ..., added: _Optional[int] = ..., skipped: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ListDomainsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DomainInfo(_message.Message):
+    __slots__ = ("name", "backend", "count", "model", "key_type", "settings")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    backend: str
+    count: int
+    model: str
+    key_type: str
+    settings: KnnSettings
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., count: _Optional[int] = ..., model: _Optional[str] = ..., key_type: _Optional[str] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ...) -> None: ...
+
+class ListDomainsResponse(_message.Message):
+    __slots__ = ("domains",)
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    domains: _containers.RepeatedCompositeFieldContainer[DomainInfo]
+    def __init__(self, domains: _Optional[_Iterable[_Union[DomainInfo, _Mapping]]] = ...) -> None: ...

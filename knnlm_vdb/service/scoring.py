@@ -1,0 +1,180 @@
+"""The kNN-LM for a batch of independent requests: one LM forward, one search per (domains, k).
+
+Serving many small requests one by one wastes both the LM (tiny matrix products) and the
+vector database (one round trip per query). Here the windows of every request in a batch
+go through the LM together, right-padded to one length: with causal attention a pad token
+only follows the real ones, so it cannot change their hidden states, and positions start at
+0 in every row as they do offline. The windows are the ones ``Encoder.encode`` uses, so a
+text scores the same here as in ``evaluate`` (up to float rounding of other batch shapes).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from knnlm_vdb.encoder import Encoder, sliding_windows
+from knnlm_vdb.evaluate import search_all
+from knnlm_vdb.knn import interpolate, knn_distribution, knn_target_logprobs, perplexity
+
+log = logging.getLogger(__name__)
+
+HEAD_ROWS = 512  # LM-head rows per matmul: bounds the [rows, vocab] logits temporary
+
+
+class DatastoreUnavailable(Exception):
+    """A datastore failed while serving a request (network, server or disk), not the request itself."""
+
+    def __init__(self, domains, cause: BaseException):
+        self.domains = tuple(domains)
+        self.cause = cause
+        super().__init__(f"datastore for domain(s) {', '.join(self.domains)} is unavailable: "
+                         f"{str(cause) or type(cause).__name__}")
+
+
+@dataclass
+class Job:
+    """One request's work. ``top_n == 0``: score every token; else the next-token distribution."""
+
+    token_ids: list[int]
+    domains: tuple[str, ...]
+    stores: tuple
+    k: int
+    temperature: float
+    lmbda: float
+    top_n: int = 0
+    # filled by Scorer.run
+    base: np.ndarray | None = None  # score: log p_LM [n-1]; next: log p_LM over the vocabulary [V]
+    knn: np.ndarray | None = None
+    mixed: np.ndarray | None = None
+    top: np.ndarray | None = None  # next: the top_n token ids by mixed probability
+    _keys: list = field(default_factory=list, repr=False)
+    _base: list = field(default_factory=list, repr=False)
+
+    @property
+    def scores_text(self) -> bool:
+        return self.top_n == 0
+
+    @property
+    def base_ppl(self) -> float:
+        return perplexity(self.base)
+
+    @property
+    def knnlm_ppl(self) -> float:
+        return perplexity(self.mixed)
+
+
+@dataclass
+class _Row:
+    """A window of one job in the LM batch, and the positions whose keys/log-probs it yields."""
+
+    job: Job
+    ids: list[int]
+    query_cols: np.ndarray  # columns (in the window) whose state is a query
+    targets: np.ndarray | None  # score: the next tokens; next: None (keep the full distribution)
+
+
+class Scorer:
+    """Runs batches of jobs on one encoder. Not thread-safe: one caller at a time (the batcher's worker)."""
+
+    def __init__(self, encoder: Encoder, max_batch_tokens: int | None = None, pad_id: int = 0):
+        self.encoder = encoder
+        self.max_batch_tokens = max_batch_tokens or encoder.batch_size * encoder.ctx
+        self.pad_id = pad_id
+
+    def _rows(self, job: Job) -> list[_Row]:
+        ids, ctx = job.token_ids, self.encoder.ctx
+        if not job.scores_text:
+            begin = max(0, len(ids) - ctx)
+            return [_Row(job, ids[begin:], np.array([len(ids) - 1 - begin]), None)]
+        rows = []
+        for w in sliding_windows(len(ids), ctx, self.encoder.stride):
+            cols = np.arange(w.score_from - 1 - w.begin, w.end - 1 - w.begin)
+            rows.append(_Row(job, ids[w.begin:w.end], cols, np.asarray(ids[w.score_from:w.end], dtype=np.int64)))
+        return rows
+
+    def _micro_batches(self, rows: list[_Row]):
+        """Rows by descending length, packed so padded tokens per forward stay under the budget."""
+        rows = sorted(rows, key=lambda r: len(r.ids), reverse=True)
+        batch: list[_Row] = []
+        for r in rows:
+            if batch and len(batch[0].ids) * (len(batch) + 1) > self.max_batch_tokens:
+                yield batch
+                batch = []
+            batch.append(r)
+        if batch:
+            yield batch
+
+    def _forward(self, batch: list[_Row]) -> None:
+        import torch
+
+        enc = self.encoder
+        width = len(batch[0].ids)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        for b, r in enumerate(batch):
+            ids[b, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        with torch.inference_mode():
+            keys, hidden = enc.forward(ids.to(enc.lm.device))
+            rows_t = torch.cat([torch.full((len(r.query_cols),), b, dtype=torch.long) for b, r in enumerate(batch)])
+            cols_t = torch.cat([torch.as_tensor(r.query_cols, dtype=torch.long) for r in batch])
+            q_keys = keys[rows_t, cols_t].float().cpu().numpy()
+            q_hidden = hidden[rows_t, cols_t]
+            logprobs = []  # per query row: a target log-prob (score) or a full distribution (next)
+            offsets = np.cumsum([0] + [len(r.query_cols) for r in batch])
+            want_full = np.concatenate([np.full(len(r.query_cols), r.targets is None) for r in batch])
+            targets = np.concatenate([r.targets if r.targets is not None else np.zeros(len(r.query_cols), np.int64)
+                                      for r in batch])
+            for s in range(0, len(q_hidden), HEAD_ROWS):
+                lp = torch.log_softmax(enc.head(q_hidden[s:s + HEAD_ROWS]).float(), dim=-1).cpu().numpy()
+                for i in range(len(lp)):
+                    logprobs.append(lp[i] if want_full[s + i] else lp[i, targets[s + i]])
+        for b, r in enumerate(batch):
+            lo, hi = offsets[b], offsets[b + 1]
+            r.job._keys.append((r, q_keys[lo:hi]))
+            r.job._base.append((r, logprobs[lo:hi]))
+
+    def run(self, jobs: list[Job]) -> dict[int, BaseException]:
+        """Fill each job's results in place; returns ``{index: error}`` for jobs that failed."""
+        errors: dict[int, BaseException] = {}
+        rows = [r for job in jobs for r in self._rows(job)]
+        order = {id(r): i for i, r in enumerate(rows)}
+        for batch in self._micro_batches(rows):
+            self._forward(batch)
+        for job in jobs:  # restore document order, which sorting by length broke
+            job._keys.sort(key=lambda t: order[id(t[0])])
+            job._base.sort(key=lambda t: order[id(t[0])])
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((tuple(id(s) for s in job.stores), job.k), []).append(i)
+        for (_, k), members in groups.items():
+            queries = [np.concatenate([q for _, q in jobs[i]._keys]) for i in members]
+            sizes = np.cumsum([0] + [len(q) for q in queries])
+            try:
+                dist, vals = search_all(list(jobs[members[0]].stores), np.concatenate(queries), k)
+            except Exception as exc:  # the store's failure, not the request's: report, keep serving
+                log.warning("search in %s failed: %s", ", ".join(jobs[members[0]].domains), exc)
+                for i in members:
+                    errors[i] = DatastoreUnavailable(jobs[i].domains, exc)
+                continue
+            for j, i in enumerate(members):
+                self._finish(jobs[i], dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]])
+        for job in jobs:
+            job._keys, job._base = [], []
+        return errors
+
+    @staticmethod
+    def _finish(job: Job, dist: np.ndarray, vals: np.ndarray) -> None:
+        if job.scores_text:
+            job.base = np.concatenate([np.asarray(b, dtype=np.float64) for _, b in job._base])
+            targets = np.asarray(job.token_ids[1:], dtype=np.int64)
+            job.knn = knn_target_logprobs(dist, vals, targets, job.temperature)
+            job.mixed = interpolate(job.base, job.knn, job.lmbda)
+            return
+        base = np.asarray(job._base[0][1][0], dtype=np.float64)
+        job.base = base
+        job.knn = knn_distribution(dist[0], vals[0], len(base), job.temperature)
+        job.mixed = interpolate(base, job.knn, job.lmbda)
+        n = min(job.top_n, len(base))
+        top = np.argpartition(-job.mixed, n - 1)[:n]
+        job.top = top[np.argsort(-job.mixed[top], kind="stable")]

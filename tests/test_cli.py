@@ -1,0 +1,110 @@
+"""The CLI end to end with tiny saved models: build, eval --json, tune, and bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from knnlm_vdb.cli import main
+
+WIN = ["--ctx", "64", "--stride", "32"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture()
+def faiss_store(tmp_path, tiny_model_dirs, corpus_file):
+    out = tmp_path / "ds"
+    r = run("build", "--model", tiny_model_dirs["llama"], *WIN, "--corpus", corpus_file, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_build_then_eval_json(faiss_store, tiny_model_dirs, corpus_file):
+    r = run("eval", "--model", tiny_model_dirs["llama"], *WIN, "--datastore", faiss_store, "--corpus", corpus_file,
+            "--k", 8, "--lambda", 0.5, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    for key in ("tokens", "base_ppl", "knnlm_ppl", "base_tokens_per_s", "knnlm_tokens_per_s", "retrieval_seconds"):
+        assert key in out
+    assert out["tokens"] == len(corpus_file.read_text().encode()) - 1  # byte tokenizer: one token per byte
+    assert out["knnlm_ppl"] < out["base_ppl"]  # the corpus is in the datastore
+
+
+def test_tune_stores_settings_that_eval_then_uses(faiss_store, tiny_model_dirs, corpus_file):
+    r = run("tune", "--model", tiny_model_dirs["llama"], *WIN, "--datastore", faiss_store, "--valid", corpus_file,
+            "--max-k", 16, "--json")
+    assert r.exit_code == 0, r.output
+    best = json.loads(r.output)["best"]
+    meta = json.loads((faiss_store / "meta.json").read_text())
+    assert meta["info"]["extra"]["tuned"]["lambda"] == best["lambda"]
+    r = run("eval", "--model", tiny_model_dirs["llama"], *WIN, "--datastore", faiss_store, "--corpus", corpus_file, "--json")
+    out = json.loads(r.output)
+    assert (out["k"], out["temperature"], out["lambda"]) == (best["k"], best["temperature"], best["lambda"])
+    assert out["knnlm_ppl"] == pytest.approx(best["ppl"], rel=1e-6)
+
+
+def _fails_cleanly(r, pattern):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert pattern in r.output
+    assert r.output.strip().count("\n") == 0  # one line
+
+
+def test_missing_corpus(tmp_path, tiny_model_dirs):
+    r = run("build", "--model", tiny_model_dirs["llama"], "--corpus", tmp_path / "nope.txt", "--out", tmp_path / "d")
+    _fails_cleanly(r, "corpus file not found")
+
+
+def test_empty_and_binary_corpus(tmp_path, tiny_model_dirs):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02binary")
+    _fails_cleanly(run("build", "--corpus", tmp_path / "empty.txt", "--out", tmp_path / "d"), "empty")
+    _fails_cleanly(run("build", "--corpus", tmp_path / "bin.txt", "--out", tmp_path / "d"), "binary")
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--lambda", "1.5", "--lambda must be in [0, 1]"),
+                                            ("--lambda", "-0.2", "--lambda must be in [0, 1]"),
+                                            ("--k", "0", "--k must be a positive integer")])
+def test_bad_knn_settings(faiss_store, tiny_model_dirs, corpus_file, flag, value, msg):
+    r = run("eval", "--model", tiny_model_dirs["llama"], "--datastore", faiss_store, "--corpus", corpus_file, flag, value)
+    _fails_cleanly(r, msg)
+
+
+def test_datastore_from_another_model_is_refused(faiss_store, tiny_model_dirs, corpus_file):
+    r = run("eval", "--model", tiny_model_dirs["gpt2"], *WIN, "--datastore", faiss_store, "--corpus", corpus_file)
+    _fails_cleanly(r, "was built with model=")
+
+
+def test_datastore_of_another_dimension_is_refused(tmp_path, faiss_store, tokenizer, corpus_file):
+    from conftest import tiny_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=257, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    wide = tmp_path / "wide"
+    LlamaForCausalLM(cfg).save_pretrained(wide)
+    tokenizer.save_pretrained(wide)
+    r = run("eval", "--model", wide, *WIN, "--datastore", faiss_store, "--corpus", corpus_file)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "model=" in r.output or "dim=" in r.output
+
+
+def test_missing_datastore_and_unknown_model(tmp_path, corpus_file, tiny_model_dirs):
+    _fails_cleanly(run("eval", "--model", tiny_model_dirs["llama"], "--datastore", tmp_path / "none",
+                       "--corpus", corpus_file), "no FAISS datastore")
+    _fails_cleanly(run("eval", "--model", tmp_path / "no-model-here", "--datastore", tmp_path / "none",
+                       "--corpus", corpus_file), "no FAISS datastore")
+    (tmp_path / "ds").mkdir()
+    r = run("build", "--model", tmp_path / "no-such-model", "--corpus", corpus_file, "--out", tmp_path / "ds2")
+    _fails_cleanly(r, "cannot load model")
+
+
+def test_console_script_prints_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "knnlm_vdb.cli", "eval", "--datastore", str(tmp_path / "x"),
+                        "--corpus", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: corpus file not found: {tmp_path / 'missing.txt'}"
