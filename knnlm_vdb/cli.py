@@ -192,26 +192,42 @@ def main(verbose: int) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _build_or_append(encoder, corpus, backend, locations, uri, consistency, create, max_tokens, index_options, progress):
+def _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard, replace, as_json):
     from knnlm_vdb.corpus import read_corpora
-    from knnlm_vdb.datastore import StoreInfo, create_store
     from knnlm_vdb.ingest import ingest
 
-    docs = read_corpora(corpus)
-    loc = locations[0]
-    if create:
-        info = StoreInfo.for_encoder(encoder)
-        if backend == "faiss":
-            store = create_store("faiss", loc, info, **index_options)
-        else:
-            store = create_store("milvus", uri, info, domain=loc, **milvus_options(consistency), **index_options)
-    else:
-        (store,) = open_stores(backend, [loc], uri, consistency, encoder)
-    domain = loc if backend == "milvus" else store.describe().get("domain", "default")
-    report = ingest(encoder, store, docs, domain=domain, max_tokens=max_tokens, show_progress=progress)
-    if create and backend == "faiss":
+    domain = location if backend == "milvus" else store.describe().get("domain", "default")
+    report = ingest(encoder, store, read_corpora(corpus), domain=domain, max_tokens=max_tokens,
+                    show_progress=not as_json, shard=shard, replace=replace)
+    if backend == "faiss" and store.index_spec["type"] == "ivfpq" and not (Path(location) / "index.faiss").exists():
         store.train()
-    return store, report
+    desc = store.describe()
+    store.close()
+    lines = [
+        f"{report.added:,} entries added, {report.skipped:,} already present "
+        f"({report.tokens:,} tokens encoded from {report.documents} document(s), "
+        f"{report.chunks_already_committed} chunk(s) already committed) in {report.seconds:.1f}s",
+        f"datastore: {desc.get('path') or desc.get('uri')} ({desc['count']:,} entries)  index: {index_summary(desc['index'])}",
+    ]
+    if report.replaced:
+        lines.append(f"replaced {len(report.replaced)} changed document(s): {', '.join(report.replaced)}")
+    if report.changed:
+        lines.append(f"warning: {len(report.changed)} document(s) changed since they were ingested and were "
+                     f"skipped (use --replace): {', '.join(report.changed)}")
+    emit({**report.to_dict(), "datastore": desc}, as_json, lines)
+
+
+def index_summary(index: dict) -> str:
+    """``{'type': 'ivfpq', 'nlist': 64, ...}`` -> ``ivfpq nlist=64 ...`` (set fields only)."""
+    index = dict(index)
+    name = index.pop("type", None) or index.pop("index_type", "?")
+    return " ".join([str(name)] + [f"{k}={v}" for k, v in sorted(index.items()) if v not in (None, {}, False)
+                                   and k != "indexed_count"])
+
+
+def _check_max_tokens(max_tokens):
+    if max_tokens is not None and max_tokens < 1:
+        raise KnnlmError(f"--max-tokens must be positive, got {max_tokens}")
 
 
 @main.command()
@@ -233,29 +249,51 @@ def _build_or_append(encoder, corpus, backend, locations, uri, consistency, crea
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datastores, backend, uri, domains,
           consistency, max_tokens, index, nlist, pq_m, nprobe, recompute, key_dtype, as_json):
-    """Build a new datastore from corpus files."""
-    backend, locations = resolve_locations(datastores, backend, uri, domains)
-    if max_tokens is not None and max_tokens < 1:
-        raise KnnlmError(f"--max-tokens must be positive, got {max_tokens}")
+    """Build a new datastore from corpus files (an append into a new, empty datastore)."""
+    from knnlm_vdb.corpus import read_corpora
+    from knnlm_vdb.datastore import StoreInfo, create_store
+
+    backend, (location,) = resolve_locations(datastores, backend, uri, domains)
+    _check_max_tokens(max_tokens)
     if backend == "faiss":
         index_options = {"index": index.lower(), "nlist": nlist, "pq_m": pq_m, "nprobe": nprobe,
                          "recompute": recompute, "key_dtype": key_dtype}
     else:
         index_options = {"index_type": index.upper(), "index_params": {"nlist": nlist} if nlist else {},
                          "search_params": {"nprobe": nprobe} if "IVF" in index.upper() else {}}
-    from knnlm_vdb.corpus import read_corpora
-
     read_corpora(corpus)  # fail on bad input before loading the model
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    store, report = _build_or_append(encoder, corpus, backend, locations, uri, consistency, True, max_tokens,
-                                     index_options, progress=not as_json)
-    desc = store.describe()
-    store.close()
-    emit({**report.to_dict(), "datastore": desc}, as_json, [
-        f"built {desc['count']:,} entries from {report.tokens:,} tokens of {report.documents} document(s) "
-        f"in {report.seconds:.1f}s ({report.tokens / max(report.seconds, 1e-9):.0f} tokens/s)",
-        f"datastore: {desc.get('path') or desc.get('uri')}  index: {desc['index']}",
-    ])
+    info = StoreInfo.for_encoder(encoder)
+    if backend == "faiss":
+        store = create_store("faiss", location, info, **index_options)
+    else:
+        store = create_store("milvus", uri, info, domain=location, **milvus_options(consistency), **index_options)
+    _ingest_into(store, encoder, corpus, backend, location, max_tokens, (0, 1), False, as_json)
+
+
+@main.command()
+@model_options
+@click.option("--corpus", multiple=True, required=True, type=click.Path(), help="text or JSONL file (repeatable)")
+@location_options(multiple=False)
+@click.option("--shard", default="0/1", show_default=True, help="encode only shard i of N (i/N), for parallel workers")
+@click.option("--replace", is_flag=True, help="re-ingest documents whose text changed, deleting their old entries")
+@click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datastores, backend, uri, domains,
+           consistency, shard, replace, max_tokens, as_json):
+    """Add documents to a live datastore: idempotent, resumable after a crash, shardable."""
+    from knnlm_vdb.corpus import read_corpora
+    from knnlm_vdb.ingest import parse_shard
+
+    backend, (location,) = resolve_locations(datastores, backend, uri, domains)
+    shard_spec = parse_shard(shard)
+    _check_max_tokens(max_tokens)
+    read_corpora(corpus)
+    if backend == "faiss" and not (Path(location) / "meta.json").is_file():
+        raise KnnlmError(f"no FAISS datastore at {location}; create it with `knnlm-vdb build --out {location}`")
+    encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
+    (store,) = open_stores(backend, [location], uri, consistency, encoder)
+    _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard_spec, replace, as_json)
 
 
 @main.command(name="eval")
@@ -355,7 +393,7 @@ def demo(backend, workdir, model, as_json):
 
 # ---- commands that live beside the concept they drive ------------------------------------------
 # (each line: `from knnlm_vdb.X import cmd; main.add_command(cmd)`)
+from knnlm_vdb.service.commands import serve, score  # noqa: E402
+main.add_command(serve)
+main.add_command(score)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -130,11 +130,21 @@ class Encoder:
         self._captured = None
         return keys, hidden
 
-    def encode(self, token_ids: list[int], with_logprobs: bool = True, progress=None) -> Iterator[EncodedBlock]:
-        """Yield one block per batch of windows, in document order."""
+    def encode(self, token_ids: list[int], with_logprobs: bool = True, progress=None,
+               target_range: tuple[int, int] | None = None) -> Iterator[EncodedBlock]:
+        """Yield one block per batch of windows, in document order.
+
+        ``target_range=(lo, hi)`` encodes only targets ``lo <= p < hi`` (one chunk of a resumable
+        append), with exactly the context a whole-document pass gives them.
+        """
         import torch
 
         windows = sliding_windows(len(token_ids), self.ctx, self.stride)
+        if target_range is not None:
+            lo, hi = target_range
+            # The LM is causal, so cutting a window's end leaves the earlier states unchanged.
+            windows = [Window(w.begin, min(w.end, hi), max(w.score_from, lo))
+                       for w in windows if w.end > lo and w.score_from < hi]
         ids = torch.tensor(token_ids, dtype=torch.long)
         device = self.lm.device
         i = 0

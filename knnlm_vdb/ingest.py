@@ -1,32 +1,44 @@
-"""Encode documents and stream their (key, next token) rows into a datastore.
+"""Encode documents and stream their (key, next token) rows into a datastore, resumably.
 
-Rows go to the store block by block, so the datastore never has to fit in memory.
-Entry ids come from (domain, document, position): ingesting the same text twice adds
-nothing the second time.
+Rows go to the store chunk by chunk, so the datastore never has to fit in memory. Entry ids
+come from (domain, document, position) and stores skip ids they hold, so ingesting the same
+text twice adds nothing; the ledger (ledger.py) records finished chunks so a re-run after a
+crash skips them, and notices documents whose text changed.
+
+``shard=(i, n)`` takes chunk ``c`` of document ``d`` iff ``(seed(d) + c) % n == i``: n workers
+given the same input fill one domain without coordinating.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm_vdb.corpus import Document
 from knnlm_vdb.datastore.base import Datastore, entry_ids
+from knnlm_vdb.datastore.ledger import CHUNK_TARGETS, chunk_count, chunk_range
 from knnlm_vdb.encoder import Encoder
+from knnlm_vdb.errors import KnnlmError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class IngestReport:
-    documents: int
-    tokens: int
-    added: int
-    skipped: int
-    encode_seconds: float
-    store_seconds: float
+    documents: int = 0
+    tokens: int = 0
+    added: int = 0
+    skipped: int = 0
+    chunks_done: int = 0
+    chunks_already_committed: int = 0
+    replaced: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # text differs from the ingested version, not replaced
+    encode_seconds: float = 0.0
+    store_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -38,42 +50,90 @@ class IngestReport:
                 "ingest_entries_per_s": self.tokens / self.seconds if self.seconds else None}
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> ``(i, N)`` with ``0 <= i < N``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise KnnlmError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise KnnlmError(f"--shard {text}: need N >= 1 and 0 <= i < N")
+    return i, n
+
+
+def _doc_seed(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=4).digest(), "little")
+
+
 def ingest(encoder: Encoder, store: Datastore, documents: list[Document], domain: str = "default",
-           max_tokens: int | None = None, show_progress: bool = True) -> IngestReport:
+           max_tokens: int | None = None, show_progress: bool = True, shard: tuple[int, int] = (0, 1),
+           replace: bool = False, chunk_targets: int = CHUNK_TARGETS) -> IngestReport:
     """Add every target token of ``documents`` (up to ``max_tokens`` in all) to ``store``."""
-    tokenized = []
+    ledger = store.ledger()
+    known = ledger.documents()
+    report = IngestReport()
+    plan = []  # (doc, token ids, chunks to do, how many targets to keep)
     budget = max_tokens
     for doc in documents:
+        rec = known.get(doc.doc_id)
+        if rec is not None and rec.content_hash != doc.content_hash:
+            if not replace:
+                log.warning("document %r changed since it was ingested; skipped (use --replace)", doc.doc_id)
+                report.changed.append(doc.doc_id)
+                continue
+            removed = store.delete_ids(entry_ids(domain, doc.doc_id, np.arange(1, rec.n_tokens)))
+            ledger.forget(doc.doc_id)
+            log.info("replacing %r: removed %d old entries", doc.doc_id, removed)
+            report.replaced.append(doc.doc_id)
+            rec = None
         ids = encoder.tokenize(doc.text)
+        limit = len(ids)
         if budget is not None:
-            ids = ids[: budget + 1]  # n+1 tokens give n targets
-            budget -= max(0, len(ids) - 1)
-        if len(ids) >= 2:
-            tokenized.append((doc, ids))
+            limit = min(limit, budget + 1)  # n+1 tokens give n targets
+            budget -= max(0, limit - 1)
+        done = rec.chunks if rec is not None else set()
+        chunks = []
+        for c in range(chunk_count(limit, chunk_targets)):
+            if (_doc_seed(doc.doc_id) + c) % shard[1] != shard[0]:
+                continue
+            if c in done:
+                report.chunks_already_committed += 1
+                continue
+            chunks.append(c)
+        if chunks:
+            plan.append((doc, ids, chunks, limit))
         if budget is not None and budget <= 0:
             break
-    total = sum(len(ids) - 1 for _, ids in tokenized)
-    report = IngestReport(documents=len(tokenized), tokens=0, added=0, skipped=0, encode_seconds=0.0, store_seconds=0.0)
+
+    total = sum(hi - lo for _, _, chunks, limit in plan for lo, hi in
+                (chunk_range(c, chunk_targets, limit) for c in chunks))
     bar = tqdm(total=total, unit="tok", desc="encode", disable=not show_progress, smoothing=0.1)
-    for doc, ids in tokenized:
-        blocks = encoder.encode(ids, with_logprobs=False, progress=bar)
-        while True:
-            t0 = time.perf_counter()
-            block = next(blocks, None)
-            t1 = time.perf_counter()
-            if block is None:
-                break
-            report.encode_seconds += t1 - t0
-            added = store.add(entry_ids(domain, doc.doc_id, block.positions), block.keys, block.targets,
-                              doc_ids=[doc.doc_id] * len(block), positions=block.positions)
-            report.store_seconds += time.perf_counter() - t1
-            report.tokens += len(block)
-            report.added += added
-            report.skipped += len(block) - added
+    for doc, ids, chunks, limit in plan:
+        report.documents += 1
+        for c in chunks:
+            lo, hi = chunk_range(c, chunk_targets, limit)
+            blocks = encoder.encode(ids, with_logprobs=False, progress=bar, target_range=(lo, hi))
+            while True:
+                t0 = time.perf_counter()
+                block = next(blocks, None)
+                t1 = time.perf_counter()
+                if block is None:
+                    break
+                report.encode_seconds += t1 - t0
+                added = store.add(entry_ids(domain, doc.doc_id, block.positions), block.keys, block.targets,
+                                  doc_ids=[doc.doc_id] * len(block), positions=block.positions)
+                report.store_seconds += time.perf_counter() - t1
+                report.tokens += len(block)
+                report.added += added
+                report.skipped += len(block) - added
+            t = time.perf_counter()
+            store.flush()  # rows durable before the ledger says so
+            full_chunk = chunk_range(c, chunk_targets, len(ids))
+            if (lo, hi) == full_chunk:  # a chunk cut short by --max-tokens stays open
+                ledger.commit_chunk(doc.doc_id, c, doc.content_hash, len(ids))
+            report.store_seconds += time.perf_counter() - t
+            report.chunks_done += 1
     bar.close()
-    t = time.perf_counter()
-    store.flush()
-    report.store_seconds += time.perf_counter() - t
     log.info("ingested %d tokens from %d documents: %d added, %d already present",
              report.tokens, report.documents, report.added, report.skipped)
     return report

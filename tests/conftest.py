@@ -4,7 +4,13 @@ Nothing here downloads anything; models are built from configs with a fixed seed
 """
 from __future__ import annotations
 
-import pytest
+import os
+
+# Tiny models gain nothing from threads, and oversubscribed cores make torch crawl.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
 
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. "

@@ -104,7 +104,7 @@ def test_missing_datastore_and_unknown_model(tmp_path, corpus_file, tiny_model_d
 
 
 def test_console_script_prints_one_line_and_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "knnlm_vdb.cli", "eval", "--datastore", str(tmp_path / "x"),
+    r = subprocess.run([sys.executable, "-m", "knnlm_vdb", "eval", "--datastore", str(tmp_path / "x"),
                         "--corpus", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: corpus file not found: {tmp_path / 'missing.txt'}"

@@ -97,6 +97,14 @@ class Datastore(ABC):
     def describe(self) -> dict:
         """Facts for ``describe --json``: at least count, dim, model, key_type and index."""
 
+    def ledger(self):
+        """The domain's ingest ledger (see ledger.py)."""
+        raise KnnlmError(f"{type(self).__name__} keeps no ingest ledger")
+
+    def delete_ids(self, ids: np.ndarray) -> int:
+        """Remove entries by id (used by ``append --replace``); return how many were removed."""
+        raise KnnlmError(f"{type(self).__name__} cannot delete entries")
+
     def set_extra(self, key: str, value) -> None:
         """Record a setting with the datastore (tuned λ/T/k, calibrations)."""
         raise KnnlmError(f"{type(self).__name__} cannot store settings")

@@ -63,11 +63,24 @@ def default_pq_m(dim: int) -> int:
     return max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
 
 
+def _recover_interrupted_swap(path: Path) -> None:
+    """Finish or undo a directory swap of ``delete_ids`` that a crash interrupted."""
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(old)
+        else:
+            os.rename(old, path)
+
+
 class FaissDatastore(Datastore):
     """Exact (``IndexFlatL2``) or paper-style ``IndexIVFPQ`` search over on-disk keys."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        _recover_interrupted_swap(self.path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise KnnlmError(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
@@ -251,9 +264,9 @@ class FaissDatastore(Datastore):
         import faiss
 
         spec = self.index_spec
-        if spec["type"] != "ivfpq" or self._index is None or spec["indexed_count"] == self.count():
+        if spec["type"] != "ivfpq" or spec["indexed_count"] == self.count() or not (self.path / "index.faiss").exists():
             return
-        index = self._index
+        index = self._index if self._index is not None else self._load_index()
         if self._gpu is not None:
             index = faiss.index_gpu_to_cpu(index)
         faiss.write_index(index, str(self.path / "index.faiss.tmp"))
@@ -307,6 +320,44 @@ class FaissDatastore(Datastore):
             dst.add(ids[i:i + chunk], keys[i:i + chunk], values[i:i + chunk])
         dst.train()
         return dst
+
+    def ledger(self):
+        from knnlm_vdb.datastore.ledger import JsonLedger
+
+        return JsonLedger(self.path / "ledger.json")
+
+    def delete_ids(self, ids) -> int:
+        """Rewrite the datastore without ``ids`` into a new directory, then swap directories.
+
+        Flat files cannot drop rows in place; a reader that opened the old directory keeps a
+        consistent view until it reopens.
+        """
+        import shutil
+
+        doomed = np.isin(self.ids(), np.asarray(ids, dtype=np.int64))
+        if not doomed.any():
+            return 0
+        tmp = self.path.with_name(self.path.name + ".rewrite")
+        shutil.rmtree(tmp, ignore_errors=True)
+        spec = self.index_spec
+        dst = FaissDatastore.create(tmp, self.info, index=spec["type"], key_dtype=self.meta["key_dtype"],
+                                    nlist=spec["nlist"], pq_m=spec["pq_m"], nprobe=spec["nprobe"],
+                                    recompute=spec["recompute"], domain=self.meta.get("domain", "default"))
+        keep = np.flatnonzero(~doomed)
+        keys, values, ids_all = self.keys(), self.values(), self.ids()
+        for i in range(0, len(keep), 65536):
+            rows = keep[i:i + 65536]
+            dst.add(ids_all[rows], keys[rows], values[rows])
+        if spec["type"] == "ivfpq" and dst.count() >= 39 * (spec["nlist"] or 1):
+            dst.train()
+        if (self.path / "ledger.json").exists():
+            shutil.copy2(self.path / "ledger.json", tmp / "ledger.json")
+        old = self.path.with_name(self.path.name + ".old")
+        os.rename(self.path, old)
+        os.rename(tmp, self.path)
+        shutil.rmtree(old)
+        self.__init__(self.path)
+        return int(doomed.sum())
 
     # ---- metadata -------------------------------------------------------------------------
     def set_extra(self, key: str, value) -> None:

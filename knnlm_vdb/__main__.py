@@ -1,0 +1,4 @@
+"""``python -m knnlm_vdb`` is the ``knnlm-vdb`` command."""
+from knnlm_vdb.cli import main
+
+main()
