@@ -11,6 +11,16 @@ Schema: ``id`` INT64 primary key (``base.entry_ids``: deterministic, so re-addin
 no-op), ``key`` FLOAT_VECTOR(dim), ``target`` INT32 (the next token), ``doc_id``
 VARCHAR(1024), ``position`` INT64. Metric L2: Milvus returns squared L2, like FAISS.
 
+Ingest ledger (``ledger.py``): collection ``knnlm_D__ledger``, one row per committed chunk,
+created on the first commit. It is not behind the alias: a reindex keeps the same rows, so
+the ledger stays valid across alias swaps.
+
+Durability: a Milvus server has logged a row durably (its write-ahead log) when the insert
+returns, and Strong reads see it at once; a server flush only seals segments (seconds each,
+and many small segments), so ``flush()`` seals nothing on a server and ``seal()``/``close()``
+seal once so the index gets built. Milvus Lite writes rows to a WAL that is not fsynced, so
+there ``flush()`` persists them (about 0.2 s).
+
 Metadata: the collection property ``knnlm.meta`` holds JSON
 ``{format_version, domain, info: StoreInfo, index: {type, build_params, search_params}}``.
 Properties work on Milvus Lite and on the server (Lite drops the schema description) and
@@ -29,9 +39,9 @@ with an ``[nq, n, dim]`` float32 temporary, so Lite query batches are sized to b
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import os
 import re
 from contextlib import contextmanager
@@ -41,6 +51,7 @@ from urllib.parse import urlparse, urlunparse
 import numpy as np
 
 from knnlm_vdb.datastore.base import Datastore, StoreInfo, pad_results
+from knnlm_vdb.datastore.ledger import DocRecord, Ledger
 from knnlm_vdb.errors import KnnlmError
 
 log = logging.getLogger(__name__)
@@ -55,8 +66,12 @@ RPC_BUDGET_BYTES = 32 << 20  # one gRPC message carries at most 64 MB; stay at h
 BYTES_PER_HIT = 32  # id (<=10 B varint) + score (4 B) + target (<=5 B) + framing, rounded up
 INSERT_BATCH_BYTES = 16 << 20
 ID_CHECK_BATCH = 4096  # ids per "id in [...]" query when looking for rows already stored
-LITE_SCRATCH_BYTES = 256 << 20  # bound on Lite's [nq, n, dim] brute-force temporary
-LITE_MEMTABLE_BYTES = 128 << 20  # Lite's default memtable budget: rows it brute-forces unflushed
+# Milvus Lite brute-forces each source (the unflushed memtable, and any segment whose index is
+# FLAT or not built yet) with an [nq, rows, dim] float32 temporary. A source holds at most a
+# memtable (128 MiB by default) or a compacted segment (100k rows), so we bound nq by that.
+LITE_SCRATCH_BYTES = 512 << 20
+LITE_MEMTABLE_BYTES = 128 << 20
+LITE_SEGMENT_ROWS = 100_000
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
 CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")
@@ -216,6 +231,11 @@ def collection_name(domain: str, generation: int = 1) -> str:
     return f"{alias_name(domain)}__v{generation}"
 
 
+def ledger_name(domain: str) -> str:
+    """Collection holding the ingest ledger of ``domain``."""
+    return f"{alias_name(domain)}__ledger"
+
+
 # ---- connections ----------------------------------------------------------------------------
 def deployment_of(uri: str) -> str:
     """``lite`` for a local ``.db`` path, ``server`` for an http(s)/tcp URI; anything else is refused."""
@@ -338,6 +358,8 @@ def drop_domain(uri: str, domain: str, token: str | None = None, timeout: float 
                 raise KnnlmError(f"no domain {domain!r} at {redact_uri(uri)}")
             if _supports_aliases(client) and alias_name(domain) in client.list_aliases().get("aliases", []):
                 client.drop_alias(alias_name(domain))
+            if client.has_collection(ledger_name(domain)):
+                names.append(ledger_name(domain))
             for name in names:
                 client.drop_collection(name)
         log.info("dropped domain %s (%s) at %s", domain, ", ".join(names), redact_uri(uri))
@@ -536,13 +558,33 @@ class MilvusDatastore(Datastore):
         self._count_hint += len(new)
         return int(len(new))
 
+    def delete_ids(self, ids) -> int:
+        """Remove entries by id (``append --replace``); return how many were stored."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        with _rpc(f"delete from {self.name}", self.uri):
+            doomed = sorted(self._existing(ids))
+            for i in range(0, len(doomed), ID_CHECK_BATCH):
+                self.client.delete(self.name, ids=doomed[i:i + ID_CHECK_BATCH])
+        if doomed:
+            self._dirty = True
+            self._count_hint = max(0, self._count_hint - len(doomed))
+        return len(doomed)
+
     def flush(self) -> None:
-        """Seal what was added so it is durable and gets indexed (a no-op when nothing was added)."""
+        """Make the rows added so far durable: Lite persists its WAL; a server already has (see module doc)."""
+        if self._dirty and self.deployment == "lite":
+            self.seal()
+
+    def seal(self) -> None:
+        """Seal the growing segments so Milvus indexes them (a no-op when nothing was added)."""
         if not self._dirty:
             return
         with _rpc(f"flush {self.name}", self.uri):
             self.client.flush(self._physical())
         self._dirty = False
+
+    def ledger(self) -> "MilvusLedger":
+        return MilvusLedger(self.client, self.uri, self.domain)
 
     def wait_for_index(self, timeout_s: float = 3600.0, poll_s: float = 2.0) -> dict:
         """Block until the server has indexed every flushed row (benchmarks: time searches on the index)."""
@@ -579,29 +621,41 @@ class MilvusDatastore(Datastore):
         """Queries per search RPC: request and result under the RPC budget, Lite's scratch bounded."""
         nq = min(MAX_NQ, RPC_BUDGET_BYTES // (k * BYTES_PER_HIT), RPC_BUDGET_BYTES // (4 * self.info.dim))
         if self.deployment == "lite":
-            rows = self._count_hint
-            if self.index.index_type != "FLAT":  # indexed segments use faiss; only unflushed rows are brute-forced
-                rows = min(rows, LITE_MEMTABLE_BYTES // (4 * self.info.dim) + 1)
-            nq = min(nq, LITE_SCRATCH_BYTES // max(1, 4 * self.info.dim * rows))
+            row_bytes = 4 * self.info.dim
+            per_query = min(self._count_hint * row_bytes, max(LITE_MEMTABLE_BYTES, LITE_SEGMENT_ROWS * row_bytes))
+            nq = min(nq, LITE_SCRATCH_BYTES // max(1, per_query))
         return max(1, nq)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, what: str) -> tuple[list, list]:
+        """Ragged per-query distances and ``what`` ("target" values or "id"s), in RPC-sized batches."""
         request = self.index.search_request(k, self.deployment)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.info.dim:
             raise KnnlmError(f"queries have shape {queries.shape}, datastore dimension is {self.info.dim}")
         dists: list = []
-        vals: list = []
+        found: list = []
         step = self.queries_per_call(k)
         with _rpc(f"search {self.name}", self.uri):
             for i in range(0, len(queries), step):
                 res = self.client.search(self.name, data=queries[i:i + step], limit=k, anns_field="key",
-                                         search_params=request, output_fields=["target"],
+                                         search_params=request, output_fields=["target"] if what == "target" else [],
                                          consistency_level=self.consistency)
                 for hits in res:
                     dists.append(hits.distances)
-                    vals.append([h["entity"]["target"] for h in hits])
-        return pad_results(dists, vals, k)
+                    found.append([h["entity"]["target"] for h in hits] if what == "target" else hits.ids)
+        return dists, found
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return pad_results(*self._search(queries, k, "target"), k)
+
+    def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``search`` but with the neighbours' entry ids (int64, -1 when unfilled): for recall checks."""
+        dists, ids = self._search(queries, k, "id")
+        d, _ = pad_results(dists, [[0] * len(x) for x in ids], k)
+        out = np.full((len(ids), k), -1, dtype=np.int64)
+        for i, row in enumerate(ids):
+            out[i, :min(len(row), k)] = row[:k]
+        return d, out
 
     def describe(self) -> dict:
         with _rpc(f"describe {self.name}", self.uri):
@@ -634,7 +688,87 @@ class MilvusDatastore(Datastore):
         if self.client is None:
             return
         try:
-            self.flush()
+            self.seal()
         finally:
             self.client.close()
             self.client = None
+
+
+def _ledger_row_id(doc_id: str, chunk: int) -> int:
+    digest = hashlib.blake2b(f"{doc_id}\x00{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
+
+
+class MilvusLedger(Ledger):
+    """Committed chunks of one domain, a row each in ``knnlm_<domain>__ledger``.
+
+    Milvus needs a vector field in every collection; ``v`` is a constant 2-d placeholder.
+    """
+
+    _FIELDS = ["doc_id", "chunk", "content_hash", "n_tokens"]
+
+    def __init__(self, client, uri: str, domain: str):
+        self.client, self.uri, self.name = client, uri, ledger_name(domain)
+        self.domain = domain
+        self._docs: dict[str, DocRecord] | None = None
+        self._row_ids: dict[str, set[int]] = {}  # every ledger row of a document, whatever its hash
+
+    def documents(self) -> dict[str, DocRecord]:
+        if self._docs is not None:
+            return self._docs
+        groups: dict[str, dict[tuple[str, int], set[int]]] = {}
+        with _rpc(f"read ledger {self.name}", self.uri):
+            rows = (self.client.query(self.name, filter="chunk >= 0", output_fields=self._FIELDS,
+                                      consistency_level="Strong")
+                    if self.client.has_collection(self.name) else [])
+        for r in rows:
+            groups.setdefault(r["doc_id"], {}).setdefault((r["content_hash"], int(r["n_tokens"])), set()).add(
+                int(r["chunk"]))
+        self._docs = {}
+        for doc_id, versions in groups.items():
+            (content_hash, n_tokens), chunks = max(versions.items(), key=lambda kv: len(kv[1]))
+            self._docs[doc_id] = DocRecord(content_hash, n_tokens, set(chunks))
+            self._row_ids[doc_id] = {_ledger_row_id(doc_id, c) for cs in versions.values() for c in cs}
+        return self._docs
+
+    def _ensure_collection(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if self.client.has_collection(self.name):
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=DOC_ID_MAX_BYTES)
+        schema.add_field("chunk", DataType.INT64)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=128)
+        schema.add_field("n_tokens", DataType.INT64)
+        schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)
+        index_params = self.client.prepare_index_params()
+        index_params.add_index(field_name="v", index_type="FLAT", metric_type="L2")
+        self.client.create_collection(self.name, schema=schema, index_params=index_params,
+                                      consistency_level="Strong", properties={"knnlm.ledger_of": self.domain})
+
+    def commit_chunk(self, doc_id, chunk, content_hash, n_tokens) -> None:
+        docs = self.documents()
+        rec = docs.get(doc_id)
+        with _rpc(f"write ledger {self.name}", self.uri):
+            self._ensure_collection()
+            if rec is None or rec.content_hash != content_hash:
+                self._delete_rows(doc_id)  # a changed document starts a fresh record
+                rec = docs[doc_id] = DocRecord(content_hash, int(n_tokens))
+            row_id = _ledger_row_id(doc_id, int(chunk))
+            self.client.upsert(self.name, [{"id": row_id, "doc_id": doc_id, "chunk": int(chunk),
+                                            "content_hash": content_hash, "n_tokens": int(n_tokens),
+                                            "v": [0.0, 0.0]}])
+        rec.chunks.add(int(chunk))
+        self._row_ids.setdefault(doc_id, set()).add(row_id)
+
+    def _delete_rows(self, doc_id: str) -> None:
+        ids = sorted(self._row_ids.pop(doc_id, set()))
+        if ids:
+            self.client.delete(self.name, ids=ids)
+
+    def forget(self, doc_id: str) -> None:
+        if self.documents().pop(doc_id, None) is not None:
+            with _rpc(f"write ledger {self.name}", self.uri):
+                self._delete_rows(doc_id)
