@@ -128,16 +128,35 @@ def make_encoder(model, key_type, ctx, stride, batch_size, device, dtype):
                    batch_size=batch_size)
 
 
-def resolve_knn_settings(stores, k, temperature, lmbda) -> tuple[int, float, float]:
-    """Flag or env var, else the setting tuned with the (first) datastore, else the default."""
-    tuned = stores[0].info.extra.get("tuned", {}) if stores else {}
+def parse_lambda(value):
+    """``--lambda`` is a number in [0, 1] or ``auto`` (per-token λ from the stored calibration)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise KnnlmError(f"--lambda must be a number in [0, 1] or 'auto', got {value!r}") from None
+
+
+def resolve_knn_settings(stores, k, temperature, lmbda):
+    """-> (k, T, λ, calibration). Flag or env var, else what `tune` stored with the (first)
+    datastore — its adaptive calibration first, its best fixed setting second — else the default."""
+    from knnlm_vdb.adaptive import Calibration
+    from knnlm_vdb.knn import check_params
+
+    extra = stores[0].info.extra if stores else {}
+    lmbda = parse_lambda(lmbda)
+    if lmbda == "auto" or (lmbda is None and k is None and temperature is None and "calibration" in extra):
+        if "calibration" not in extra:
+            raise KnnlmError("--lambda auto needs a calibration: run `knnlm-vdb tune` on validation text first")
+        cal = Calibration.from_dict(extra["calibration"])
+        return cal.k, cal.temperature, "auto", cal
+    tuned = extra.get("tuned", {})
     k = k if k is not None else int(tuned.get("k", DEFAULTS["k"]))
     temperature = temperature if temperature is not None else float(tuned.get("temperature", DEFAULTS["temperature"]))
     lmbda = lmbda if lmbda is not None else float(tuned.get("lambda", DEFAULTS["lambda"]))
-    from knnlm_vdb.knn import check_params
-
     check_params(lmbda=lmbda, k=k, temperature=temperature)
-    return k, temperature, lmbda
+    return k, temperature, lmbda, None
 
 
 def knn_options(f):
@@ -146,8 +165,9 @@ def knn_options(f):
                      help=f"neighbours per query [default: tuned, else {DEFAULTS['k']}]"),
         click.option("--temperature", "-T", type=float, default=None, envvar=env_name("temperature"),
                      help=f"softmax temperature over -distance [default: tuned, else {DEFAULTS['temperature']}]"),
-        click.option("--lambda", "lmbda", type=float, default=None, envvar=env_name("lambda"),
-                     help=f"kNN weight in the mixture [default: tuned, else {DEFAULTS['lambda']}]"),
+        click.option("--lambda", "lmbda", default=None, envvar=env_name("lambda"),
+                     help="kNN weight in [0, 1], or 'auto' for a per-token λ from the tuned calibration "
+                          f"[default: tuned, else {DEFAULTS['lambda']}]"),
     ]):
         f = o(f)
     return f
@@ -314,7 +334,8 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
         raise KnnlmError(f"--max-tokens must be positive, got {max_tokens}")
     from knnlm_vdb.knn import check_params
 
-    check_params(lmbda=lmbda, k=k, temperature=temperature)
+    lam = parse_lambda(lmbda)
+    check_params(lmbda=None if lam == "auto" else lam, k=k, temperature=temperature)
     read_corpora(corpus)  # bad input fails before the model loads
     if backend == "faiss":
         for d in locations:
@@ -322,10 +343,10 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
                 raise KnnlmError(f"no FAISS datastore at {d} (missing meta.json); build one with `knnlm-vdb build`")
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     stores = open_stores(backend, locations, uri, consistency, encoder)
-    k, temperature, lmbda = resolve_knn_settings(stores, k, temperature, lmbda)
+    k, temperature, lmbda, calibration = resolve_knn_settings(stores, k, temperature, lmbda)
     sequences = read_token_sequences(encoder, corpus, max_tokens)
     result = evaluate(encoder, sequences, stores, k=k, temperature=temperature, lmbda=lmbda,
-                      show_progress=not as_json).to_dict()
+                      calibration=calibration, show_progress=not as_json).to_dict()
     for s in stores:
         s.close()
     result["datastores"] = locations
@@ -334,7 +355,8 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
         f"tokens          {result['tokens']:,}",
         f"base LM         perplexity {result['base_ppl']:.3f}   {result['base_tokens_per_s']:.0f} tokens/s",
         f"kNN-LM          perplexity {result['knnlm_ppl']:.3f}   {result['knnlm_tokens_per_s']:.0f} tokens/s "
-        f"(k={k}, T={temperature}, λ={lmbda}; retrieval {result['retrieval_seconds']:.1f}s)",
+        f"(k={k}, T={temperature}, λ={lmbda}; retrieval {result['retrieval_seconds']:.1f}s, "
+        f"{100 * result['searched_fraction']:.0f}% of tokens searched)",
     ])
 
 
@@ -344,9 +366,11 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
 @click.option("--valid", "corpus", multiple=True, required=True, type=click.Path(), help="validation text")
 @click.option("--max-tokens", type=int, default=None, help="use at most this many validation tokens")
 @click.option("--max-k", type=int, default=1024, show_default=True, help="largest k tried")
+@click.option("--adaptive/--no-adaptive", default=True, show_default=True,
+              help="also fit the per-token λ gate used by --lambda auto")
 @click.option("--json", "as_json", is_flag=True)
 def tune(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
-         corpus, max_tokens, max_k, as_json):
+         corpus, max_tokens, max_k, adaptive, as_json):
     """Pick k, T and λ on validation text and store them with the datastore."""
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.evaluate import evaluate, tune as grid_search
@@ -361,11 +385,21 @@ def tune(model, key_type, ctx, stride, batch_size, device, dtype, datastores, ba
     best = grid["best"]
     store.set_extra("tuned", {"k": best["k"], "temperature": best["temperature"], "lambda": best["lambda"],
                               "valid_ppl": best["ppl"], "valid_base_ppl": grid["base_ppl"], "valid_tokens": res.tokens})
+    lines = [f"validation tokens {res.tokens:,}: base perplexity {grid['base_ppl']:.3f} -> kNN-LM {best['ppl']:.3f} "
+             f"with k={best['k']} T={best['temperature']} λ={best['lambda']}"]
+    payload = {"best": best, "base_ppl": grid["base_ppl"], "tokens": res.tokens}
+    if adaptive:
+        from knnlm_vdb.adaptive import fit_calibration
+
+        cal, report = fit_calibration(res.neighbours, best["k"], best["temperature"])
+        store.set_extra("calibration", cal.to_dict())
+        payload["auto"] = {k: v for k, v in report.items() if k != "skip_curve"}
+        lines.append(f"adaptive λ (--lambda auto): kNN-LM {report['valid_auto_ppl']:.3f}, "
+                     f"search skipped for {100 * report['valid_skipped']:.0f}% of tokens")
     store.close()
-    emit({"best": best, "base_ppl": grid["base_ppl"], "tokens": res.tokens}, as_json, [
-        f"validation tokens {res.tokens:,}: base perplexity {grid['base_ppl']:.3f} -> kNN-LM {best['ppl']:.3f}",
-        f"stored with the datastore: k={best['k']} T={best['temperature']} λ={best['lambda']}",
-    ])
+    lines.append("stored with the datastore; eval and serve use " + ("--lambda auto" if adaptive else "these")
+                 + " by default")
+    emit(payload, as_json, lines)
 
 
 @main.command()

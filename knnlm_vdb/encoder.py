@@ -66,6 +66,8 @@ class EncodedBlock:
     keys: np.ndarray  # float32 [n, dim]
     targets: np.ndarray  # int32 [n]
     lm_logprobs: np.ndarray | None = None  # float32 [n]
+    lm_entropy: np.ndarray | None = None  # float32 [n], entropy of p_LM (nats): a cheap "is the LM sure?" signal
+    lm_max_logprob: np.ndarray | None = None  # float32 [n], log of p_LM's largest probability
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -167,12 +169,14 @@ class Encoder:
                 positions = torch.cat([torch.arange(w.score_from, w.end) for w in batch])
                 targets = ids[positions]
                 block_keys = keys[rows_t, cols_t].float().cpu().numpy()
-                lm_logprobs = None
+                lm_logprobs = lm_entropy = lm_max_logprob = None
                 if with_logprobs:
                     # The head runs only on scored positions: half the windows' tokens are context.
                     logits = self.head(hidden[rows_t, cols_t]).float()
                     lp = torch.log_softmax(logits, dim=-1)
                     lm_logprobs = lp.gather(1, targets.to(device)[:, None])[:, 0].cpu().numpy()
+                    lm_entropy = -(lp.exp() * lp).sum(-1).cpu().numpy()
+                    lm_max_logprob = lp.max(-1).values.cpu().numpy()
             if progress is not None:
                 progress.update(len(positions))
             yield EncodedBlock(
@@ -180,6 +184,8 @@ class Encoder:
                 keys=block_keys,
                 targets=targets.numpy().astype(np.int32),
                 lm_logprobs=lm_logprobs,
+                lm_entropy=lm_entropy,
+                lm_max_logprob=lm_max_logprob,
             )
 
     def next_token(self, token_ids: list[int]):

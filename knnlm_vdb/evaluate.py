@@ -29,6 +29,8 @@ class Neighbours:
     lm_logprobs: np.ndarray  # float32 [n]
     distances: np.ndarray  # float32 [n, k]
     values: np.ndarray  # int32 [n, k]
+    lm_entropy: np.ndarray  # float32 [n]
+    lm_max_logprob: np.ndarray  # float32 [n]
 
     def knnlm_logprobs(self, k: int, temperature: float, lmbda) -> np.ndarray:
         knn = knn_target_logprobs(self.distances[:, :k], self.values[:, :k], self.targets, temperature)
@@ -71,22 +73,38 @@ def _chain_blocks(encoder: Encoder, sequences: list[list[int]], progress):
             yield from encoder.encode(ids, with_logprobs=True, progress=progress)
 
 
-def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: list[Datastore] | None = None, k: int = 1024,
-             temperature: float = 1.0, lmbda: float = 0.25, keep_neighbours: bool = False,
-             show_progress: bool = True) -> EvalResult:
+def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: list[Datastore] | None = None,
+             k: int = 1024, temperature: float = 1.0, lmbda: float = 0.25, keep_neighbours: bool = False,
+             show_progress: bool = True, calibration=None) -> EvalResult:
     """Score every target of ``token_ids`` (one sequence or several documents) under the LM and,
-    given stores, under the kNN-LM."""
-    check_params(lmbda=lmbda, k=k, temperature=temperature)
+    given stores, under the kNN-LM.
+
+    With a ``calibration`` (adaptive.Calibration; ``--lambda auto``) λ is set per token from
+    the retrieval evidence, and searches the LM alone can answer are skipped; ``k`` and
+    ``temperature`` then come from the calibration.
+    """
+    if calibration is not None:
+        k, temperature, lmbda = calibration.k, calibration.temperature, "auto"
+        check_params(k=k, temperature=temperature)
+    else:
+        check_params(lmbda=lmbda, k=k, temperature=temperature)
     stores = stores or []
     sequences = [token_ids] if token_ids and isinstance(token_ids[0], int) else list(token_ids)
     n_targets = sum(max(0, len(ids) - 1) for ids in sequences)
-    lm_parts, knn_parts, kept = [], [], []
+    lm_parts, knn_parts, lam_parts, kept = [], [], [], []
     lm_seconds = retrieval_seconds = 0.0
+    searched = 0
 
     def retrieve(block):
         t = time.perf_counter()
-        dist, vals = search_all(stores, block.keys, k)
-        return dist, vals, time.perf_counter() - t
+        n = len(block)
+        mask = np.ones(n, bool) if calibration is None else calibration.search_mask(block.lm_entropy,
+                                                                                   block.lm_max_logprob)
+        dist = np.full((n, k), np.inf, np.float32)
+        vals = np.full((n, k), -1, np.int32)
+        if mask.any():
+            dist[mask], vals[mask] = search_all(stores, block.keys[mask], k)
+        return mask, dist, vals, time.perf_counter() - t
 
     bar = tqdm(total=n_targets, unit="tok", desc="eval", disable=not show_progress, smoothing=0.1)
     wall0 = time.perf_counter()
@@ -99,11 +117,14 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
             lm_seconds += time.perf_counter() - t0
             if pending is not None:
                 prev, fut = pending
-                dist, vals, secs = fut.result()
+                mask, dist, vals, secs = fut.result()
                 retrieval_seconds += secs
+                searched += int(mask.sum())
                 knn_parts.append(knn_target_logprobs(dist, vals, prev.targets, temperature))
+                lam_parts.append(np.full(len(prev), lmbda, np.float64) if calibration is None else
+                                 calibration.lambdas(dist, prev.lm_entropy, prev.lm_max_logprob, mask))
                 if keep_neighbours:
-                    kept.append((prev.targets, prev.lm_logprobs, dist, vals))
+                    kept.append((prev.targets, prev.lm_logprobs, dist, vals, prev.lm_entropy, prev.lm_max_logprob))
                 pending = None
             if block is None:
                 break
@@ -115,9 +136,12 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
     lm_logprobs = np.concatenate(lm_parts) if lm_parts else np.zeros(0, np.float32)
     knnlm_ppl = None
     neighbours = None
+    settings = {"k": k, "temperature": temperature, "lambda": lmbda, "ctx": encoder.ctx, "stride": encoder.stride}
     if stores:
-        mixed = interpolate(lm_logprobs, np.concatenate(knn_parts), lmbda)
-        knnlm_ppl = perplexity(mixed)
+        lambdas = np.concatenate(lam_parts)
+        knnlm_ppl = perplexity(interpolate(lm_logprobs, np.concatenate(knn_parts), lambdas))
+        settings["searched_fraction"] = searched / max(1, len(lm_logprobs))
+        settings["mean_lambda"] = float(lambdas.mean()) if len(lambdas) else None
         if keep_neighbours:
             neighbours = Neighbours(*(np.concatenate(parts) for parts in zip(*kept)))
     return EvalResult(
@@ -127,7 +151,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
         lm_seconds=lm_seconds,
         retrieval_seconds=retrieval_seconds,
         wall_seconds=wall,
-        settings={"k": k, "temperature": temperature, "lambda": lmbda, "ctx": encoder.ctx, "stride": encoder.stride},
+        settings=settings,
         neighbours=neighbours,
     )
 

@@ -35,16 +35,28 @@ def test_build_then_eval_json(faiss_store, tiny_model_dirs, corpus_file):
 
 
 def test_tune_stores_settings_that_eval_then_uses(faiss_store, tiny_model_dirs, corpus_file):
-    r = run("tune", "--model", tiny_model_dirs["llama"], *WIN, "--datastore", faiss_store, "--valid", corpus_file,
-            "--max-k", 16, "--json")
+    common = ["--model", tiny_model_dirs["llama"], *WIN, "--datastore", faiss_store]
+    r = run("tune", *common, "--valid", corpus_file, "--max-k", 16, "--no-adaptive", "--json")
     assert r.exit_code == 0, r.output
     best = json.loads(r.output)["best"]
     meta = json.loads((faiss_store / "meta.json").read_text())
     assert meta["info"]["extra"]["tuned"]["lambda"] == best["lambda"]
-    r = run("eval", "--model", tiny_model_dirs["llama"], *WIN, "--datastore", faiss_store, "--corpus", corpus_file, "--json")
-    out = json.loads(r.output)
+    out = json.loads(run("eval", *common, "--corpus", corpus_file, "--json").output)
     assert (out["k"], out["temperature"], out["lambda"]) == (best["k"], best["temperature"], best["lambda"])
     assert out["knnlm_ppl"] == pytest.approx(best["ppl"], rel=1e-6)
+
+
+def test_tune_fits_an_adaptive_calibration_that_eval_uses_by_default(faiss_store, tiny_model_dirs, corpus_file):
+    common = ["--model", tiny_model_dirs["llama"], *WIN, "--datastore", faiss_store]
+    r = run("tune", *common, "--valid", corpus_file, "--max-k", 16, "--json")
+    auto = json.loads(r.output)["auto"]
+    assert "calibration" in json.loads((faiss_store / "meta.json").read_text())["info"]["extra"]
+    out = json.loads(run("eval", *common, "--corpus", corpus_file, "--json").output)
+    assert out["lambda"] == "auto"
+    assert out["knnlm_ppl"] == pytest.approx(auto["valid_auto_ppl"], rel=0.02)  # same text, maybe fewer searches
+    assert out["knnlm_ppl"] < out["base_ppl"]
+    fixed = json.loads(run("eval", *common, "--corpus", corpus_file, "--lambda", "0.3", "--json").output)
+    assert fixed["lambda"] == 0.3 and fixed["searched_fraction"] == 1.0
 
 
 def _fails_cleanly(r, pattern):
@@ -67,6 +79,7 @@ def test_empty_and_binary_corpus(tmp_path, tiny_model_dirs):
 
 
 @pytest.mark.parametrize("flag,value,msg", [("--lambda", "1.5", "--lambda must be in [0, 1]"),
+                                            ("--lambda", "often", "--lambda must be a number in [0, 1] or 'auto'"),
                                             ("--lambda", "-0.2", "--lambda must be in [0, 1]"),
                                             ("--k", "0", "--k must be a positive integer")])
 def test_bad_knn_settings(faiss_store, tiny_model_dirs, corpus_file, flag, value, msg):

@@ -95,26 +95,32 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
-    __slots__ = ("domain", "document")
+    __slots__ = ("domain", "document", "replace")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     domain: str
     document: Document
-    def __init__(self, domain: _Optional[str] = ..., document: _Optional[_Union[Document, _Mapping]] = ...) -> None: ...
+    replace: bool
+    def __init__(self, domain: _Optional[str] = ..., document: _Optional[_Union[Document, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
-    __slots__ = ("documents", "tokens", "added", "skipped", "count")
+    __slots__ = ("documents", "tokens", "added", "skipped", "count", "changed", "replaced")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADDED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
     documents: int
     tokens: int
     added: int
     skipped: int
     count: int
-    def __init__(self, documents: _Optional[int] = ..., tokens: _Optional[int] = ..., added: _Optional[int] = ..., skipped: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    replaced: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, documents: _Optional[int] = ..., tokens: _Optional[int] = ..., added: _Optional[int] = ..., skipped: _Optional[int] = ..., count: _Optional[int] = ..., changed: _Optional[_Iterable[str]] = ..., replaced: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListDomainsRequest(_message.Message):
     __slots__ = ()

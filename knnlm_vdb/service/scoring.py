@@ -110,29 +110,32 @@ class Scorer:
         import torch
 
         enc = self.encoder
-        width = len(batch[0].ids)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        ids = torch.full((len(batch), len(batch[0].ids)), self.pad_id, dtype=torch.long)
         for b, r in enumerate(batch):
             ids[b, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        offsets = np.cumsum([0] + [len(r.query_cols) for r in batch])
+        targets = torch.as_tensor(np.concatenate(
+            [r.targets if r.targets is not None else np.zeros(len(r.query_cols), np.int64) for r in batch]))
+        full_rows = {int(offsets[b]) for b, r in enumerate(batch) if r.targets is None}
+        target_lp = np.empty(int(offsets[-1]), dtype=np.float64)
+        full: dict[int, np.ndarray] = {}
         with torch.inference_mode():
             keys, hidden = enc.forward(ids.to(enc.lm.device))
             rows_t = torch.cat([torch.full((len(r.query_cols),), b, dtype=torch.long) for b, r in enumerate(batch)])
             cols_t = torch.cat([torch.as_tensor(r.query_cols, dtype=torch.long) for r in batch])
+            rows_t, cols_t = rows_t.to(keys.device), cols_t.to(keys.device)
             q_keys = keys[rows_t, cols_t].float().cpu().numpy()
             q_hidden = hidden[rows_t, cols_t]
-            logprobs = []  # per query row: a target log-prob (score) or a full distribution (next)
-            offsets = np.cumsum([0] + [len(r.query_cols) for r in batch])
-            want_full = np.concatenate([np.full(len(r.query_cols), r.targets is None) for r in batch])
-            targets = np.concatenate([r.targets if r.targets is not None else np.zeros(len(r.query_cols), np.int64)
-                                      for r in batch])
             for s in range(0, len(q_hidden), HEAD_ROWS):
-                lp = torch.log_softmax(enc.head(q_hidden[s:s + HEAD_ROWS]).float(), dim=-1).cpu().numpy()
-                for i in range(len(lp)):
-                    logprobs.append(lp[i] if want_full[s + i] else lp[i, targets[s + i]])
+                lp = torch.log_softmax(enc.head(q_hidden[s:s + HEAD_ROWS]).float(), dim=-1)
+                t = targets[s:s + len(lp)].to(lp.device)
+                target_lp[s:s + len(lp)] = lp.gather(1, t[:, None])[:, 0].cpu().numpy()
+                for i in full_rows.intersection(range(s, s + len(lp))):
+                    full[i] = lp[i - s].cpu().numpy()
         for b, r in enumerate(batch):
-            lo, hi = offsets[b], offsets[b + 1]
+            lo, hi = int(offsets[b]), int(offsets[b + 1])
             r.job._keys.append((r, q_keys[lo:hi]))
-            r.job._base.append((r, logprobs[lo:hi]))
+            r.job._base.append((r, full[lo] if r.targets is None else target_lp[lo:hi]))
 
     def run(self, jobs: list[Job]) -> dict[int, BaseException]:
         """Fill each job's results in place; returns ``{index: error}`` for jobs that failed."""
@@ -171,7 +174,7 @@ class Scorer:
             job.knn = knn_target_logprobs(dist, vals, targets, job.temperature)
             job.mixed = interpolate(job.base, job.knn, job.lmbda)
             return
-        base = np.asarray(job._base[0][1][0], dtype=np.float64)
+        base = np.asarray(job._base[0][1], dtype=np.float64)
         job.base = base
         job.knn = knn_distribution(dist[0], vals[0], len(base), job.temperature)
         job.mixed = interpolate(base, job.knn, job.lmbda)

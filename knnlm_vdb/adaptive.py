@@ -1,0 +1,133 @@
+"""Adaptive interpolation: λ per token from retrieval evidence, and skipping useless searches.
+
+A fixed λ trusts the datastore equally everywhere. Out of domain its neighbours are far away
+and wrong, and a fixed λ then makes the kNN-LM worse than its base LM. Here λ is a small
+logistic gate over features that say how much to trust this retrieval
+(cf. Drozdov et al. 2022, He et al. 2021):
+
+    λ(x) = λ_max · sigmoid(w · standardise(f(x)) + b)
+    f(x) = [log(1+d_1), log(1+d_8), log(1+d_k), H(p_LM), max log p_LM]
+
+fitted on validation text by maximising the kNN-LM log-likelihood. Because distances are
+features, neighbours that are far away (another domain) get λ → 0 by themselves.
+
+A second gate sees only the LM's own features (entropy, max probability), which exist
+*before* the search: where it predicts a λ below ``skip_below``, the search is skipped and
+the token is scored by the LM alone — the speed-up of adaptive retrieval.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
+
+POST_FEATURES = ("log_d1", "log_d8", "log_dk", "lm_entropy", "lm_max_logprob")
+PRE_FEATURES = ("lm_entropy", "lm_max_logprob")
+_FAR = 1e6  # stands in for a missing neighbour's distance
+
+
+def _features(distances: np.ndarray | None, lm_entropy: np.ndarray, lm_max_logprob: np.ndarray,
+              names: tuple[str, ...]) -> np.ndarray:
+    cols = []
+    for name in names:
+        if name.startswith("log_d"):
+            d = np.where(np.isfinite(distances), distances, _FAR)
+            j = {"log_d1": 0, "log_d8": min(7, d.shape[1] - 1), "log_dk": d.shape[1] - 1}[name]
+            cols.append(np.log1p(np.maximum(d[:, j], 0.0)))
+        elif name == "lm_entropy":
+            cols.append(lm_entropy)
+        elif name == "lm_max_logprob":
+            cols.append(lm_max_logprob)
+    return np.stack(cols, axis=1).astype(np.float64)
+
+
+@dataclass
+class LinearGate:
+    names: tuple[str, ...]
+    mean: list[float]
+    std: list[float]
+    weights: list[float]
+    bias: float
+    lambda_max: float
+
+    def __call__(self, distances, lm_entropy, lm_max_logprob) -> np.ndarray:
+        z = (_features(distances, lm_entropy, lm_max_logprob, self.names) - np.array(self.mean)) / np.array(self.std)
+        return self.lambda_max / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+
+
+def _fit_gate(names, distances, lm_entropy, lm_max_logprob, lm_logprobs, knn_logprobs, lambda_max=0.9,
+              l2=1e-3, steps=200) -> LinearGate:
+    """Maximise mean log((1-λ)p_LM + λ p_kNN) over the gate's parameters (L-BFGS, small L2)."""
+    import torch
+
+    x = _features(distances, lm_entropy, lm_max_logprob, names)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = torch.tensor((x - mean) / std)
+    lm = torch.tensor(np.asarray(lm_logprobs, np.float64))
+    knn = torch.tensor(np.maximum(np.asarray(knn_logprobs, np.float64), -1e4))  # -inf -> very unlikely
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        lam = lambda_max * torch.sigmoid(z @ w + b)
+        ll = torch.logaddexp(torch.log1p(-lam) + lm, torch.log(lam) + knn)
+        value = -ll.mean() + l2 * (w * w).sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return LinearGate(tuple(names), mean.tolist(), std.tolist(), w.detach().tolist(), float(b.detach()), lambda_max)
+
+
+@dataclass
+class Calibration:
+    """What ``--lambda auto`` needs; stored with the datastore as ``extra["calibration"]``."""
+
+    k: int
+    temperature: float
+    post: LinearGate
+    pre: LinearGate
+    skip_below: float  # skip the search where the pre-search gate predicts λ below this
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        gate = lambda g: LinearGate(tuple(g["names"]), g["mean"], g["std"], g["weights"], g["bias"], g["lambda_max"])  # noqa: E731
+        return cls(int(d["k"]), float(d["temperature"]), gate(d["post"]), gate(d["pre"]), float(d["skip_below"]))
+
+    def search_mask(self, lm_entropy, lm_max_logprob) -> np.ndarray:
+        return self.pre(None, lm_entropy, lm_max_logprob) >= self.skip_below
+
+    def lambdas(self, distances, lm_entropy, lm_max_logprob, searched) -> np.ndarray:
+        return np.where(searched, self.post(distances, lm_entropy, lm_max_logprob), 0.0)
+
+
+def fit_calibration(neighbours, k: int, temperature: float, max_ppl_cost: float = 0.005) -> tuple[Calibration, dict]:
+    """Fit both gates on validation neighbours; pick the largest skip threshold whose
+    perplexity cost (vs. searching everywhere) stays within ``max_ppl_cost``."""
+    nb = neighbours
+    dist = nb.distances[:, :k]
+    knn = knn_target_logprobs(dist, nb.values[:, :k], nb.targets, temperature)
+    post = _fit_gate(POST_FEATURES, dist, nb.lm_entropy, nb.lm_max_logprob, nb.lm_logprobs, knn)
+    pre = _fit_gate(PRE_FEATURES, None, nb.lm_entropy, nb.lm_max_logprob, nb.lm_logprobs, knn)
+    lam_post = post(dist, nb.lm_entropy, nb.lm_max_logprob)
+    lam_pre = pre(None, nb.lm_entropy, nb.lm_max_logprob)
+    full = perplexity(interpolate(nb.lm_logprobs, knn, lam_post))
+    best_tau, curve = 0.0, []
+    for tau in np.unique(np.quantile(lam_pre, np.linspace(0, 0.95, 39))):
+        searched = lam_pre >= tau
+        ppl = perplexity(interpolate(nb.lm_logprobs, knn, np.where(searched, lam_post, 0.0)))
+        curve.append({"skip_below": float(tau), "skipped": float(1 - searched.mean()), "ppl": ppl})
+        if ppl <= full * (1 + max_ppl_cost):
+            best_tau = max(best_tau, float(tau))
+    cal = Calibration(k, temperature, post, pre, best_tau)
+    report = {"valid_base_ppl": perplexity(nb.lm_logprobs), "valid_auto_ppl": full,
+              "valid_skipped": float(1 - cal.search_mask(nb.lm_entropy, nb.lm_max_logprob).mean()),
+              "skip_curve": curve}
+    return cal, report

@@ -1,0 +1,132 @@
+"""Group concurrent requests into one LM forward and one search batch.
+
+Request threads put jobs on a queue and wait; one worker thread takes the first job, keeps
+collecting for up to ``max_wait_s`` or until ``max_batch`` jobs, then runs them together.
+The worker is also the only thread that touches the encoder for scoring (its key hook
+keeps per-call state), and it holds ``lock`` while it works so that appends, which need
+the same encoder and stores, take turns with it. A job whose deadline has passed, or
+whose caller gave up, is dropped before it is computed.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from knnlm_vdb.service.scoring import Job, Scorer
+
+log = logging.getLogger(__name__)
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its batch ran."""
+
+
+class ShuttingDown(Exception):
+    """The batcher stopped before the request ran."""
+
+
+@dataclass
+class Ticket:
+    """A caller's handle on a queued job."""
+
+    job: Job
+    deadline: float | None  # time.monotonic() value, or None for no deadline
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    cancelled: bool = False
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+class Batcher:
+    """A queue and a worker thread in front of a ``Scorer``."""
+
+    def __init__(self, scorer: Scorer, max_batch: int = 32, max_wait_s: float = 0.005,
+                 lock: threading.RLock | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max(0.0, max_wait_s)
+        self.lock = lock or threading.RLock()
+        self._queue: queue.Queue[Ticket | None] = queue.Queue()
+        self._closed = False
+        self.batches = 0  # batches run
+        self.jobs = 0  # jobs computed
+        self.expired = 0  # jobs dropped uncomputed: deadline passed or caller gone
+        self._thread = threading.Thread(target=self._work, name="knnlm-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job, timeout: float | None = None) -> Job:
+        """Queue ``job`` and wait for it; ``timeout`` is the caller's remaining deadline in seconds."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        ticket = Ticket(job, None if timeout is None else time.monotonic() + timeout)
+        self._queue.put(ticket)
+        if not ticket.done.wait(timeout):
+            ticket.cancelled = True  # the worker skips it if it has not started it yet
+            raise DeadlineExceeded(f"no result within the deadline ({timeout:.3f}s)")
+        if ticket.error is not None:
+            raise ticket.error
+        return job
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued jobs, then stop the worker."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _collect(self, first: Ticket) -> tuple[list[Ticket], bool]:
+        batch, stop = [first], False
+        until = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                t = self._queue.get(timeout=max(0.0, until - time.monotonic())) if self.max_wait_s else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if t is None:
+                stop = True
+                break
+            batch.append(t)
+        return batch, stop
+
+    def _work(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch, stop = self._collect(first)
+            now = time.monotonic()
+            live = []
+            for t in batch:
+                if t.cancelled or t.expired(now):
+                    self.expired += 1
+                    t.error = DeadlineExceeded("the deadline passed before the request was computed")
+                    t.done.set()
+                else:
+                    live.append(t)
+            if not live:
+                continue
+            try:
+                with self.lock:
+                    errors = self.scorer.run([t.job for t in live])
+            except BaseException as exc:  # a bug or OOM: fail this batch, keep serving the next
+                log.exception("a batch of %d requests failed", len(live))
+                errors = {i: exc for i in range(len(live))}
+            self.batches += 1
+            self.jobs += len(live)
+            for i, t in enumerate(live):
+                t.error = errors.get(i)
+                t.done.set()
+        while True:  # anything queued after the stop marker: refuse rather than leave callers waiting
+            try:
+                t = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if t is not None:
+                t.error = ShuttingDown("the server is shutting down")
+                t.done.set()

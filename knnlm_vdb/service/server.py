@@ -1,0 +1,339 @@
+"""The gRPC server: the ``knnlm.v1.Knnlm`` servicer, health, reflection, limits and shutdown.
+
+The model and the datastores are loaded once, before the server starts; request threads
+only validate, queue a job on the batcher and wait. Every failure becomes a status code
+a client can act on, and none takes the server down:
+
+  unknown domain                                   NOT_FOUND
+  empty text, λ/k/T/top_n out of range, too long   INVALID_ARGUMENT (naming the limit)
+  more requests in flight than --max-concurrent    RESOURCE_EXHAUSTED
+  the deadline passed before the batch ran         DEADLINE_EXCEEDED (the job is dropped, not computed)
+  a datastore failing (network, server, disk)      UNAVAILABLE
+  shutting down                                    UNAVAILABLE
+  anything else (a bug)                            INTERNAL, logged with its traceback
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from knnlm_vdb.corpus import Document
+from knnlm_vdb.encoder import Encoder
+from knnlm_vdb.ingest import ingest
+from knnlm_vdb.service import knnlm_pb2 as pb
+from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
+from knnlm_vdb.service.batcher import Batcher, DeadlineExceeded, ShuttingDown
+from knnlm_vdb.service.scoring import DatastoreUnavailable, Job, Scorer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Knnlm"].full_name  # knnlm.v1.Knnlm
+DEFAULT_TOP_N = 10
+MAX_DOC_ID_BYTES = 1024  # what every backend can store (Milvus: VARCHAR(1024))
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; each is a ``serve`` flag of the same name."""
+
+    max_text_tokens: int = 8192  # Score text, NextToken context, one appended document
+    max_k: int = 4096
+    max_top_n: int = 1000
+    max_request_bytes: int = 4 << 20  # gRPC refuses larger messages with RESOURCE_EXHAUSTED
+    max_response_bytes: int = 64 << 20
+    max_concurrent: int = 16  # Knnlm RPCs in progress; more get RESOURCE_EXHAUSTED
+    request_timeout_s: float = 60.0  # a request's deadline when it sets none, and the cap on longer ones
+
+
+@dataclass
+class Domain:
+    """A served domain: its store, the domain name its entry ids use, and its default λ/k/T."""
+
+    name: str
+    store: object
+    backend: str
+    ingest_domain: str
+    k: int
+    temperature: float
+    lmbda: float
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _rpc(method):
+    """Admission (the concurrency limit) and the mapping of failures to status codes."""
+
+    @functools.wraps(method)
+    def wrapper(self: "KnnlmService", request, context):
+        if not self._slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the server is at its limit of {self.limits.max_concurrent} concurrent requests "
+                          f"(--max-concurrent); retry with backoff")
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return method(self, request, context)
+        except RequestError as exc:
+            code, message = exc.code, exc.message
+        except DatastoreUnavailable as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except DeadlineExceeded as exc:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        except ShuttingDown as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
+        finally:
+            self._slots.release()
+            log.debug("%s %s in %.1f ms", method.__name__, code.name, 1e3 * (time.perf_counter() - t0))
+        context.abort(code, message)
+
+    return wrapper
+
+
+class KnnlmService(pb_grpc.KnnlmServicer):
+    """Validates requests and hands the work to the batcher (Score, NextToken) or ingest (Append)."""
+
+    def __init__(self, encoder: Encoder, domains: list[Domain], limits: Limits | None = None,
+                 max_batch: int = 32, max_wait_s: float = 0.005):
+        if not domains:
+            raise ValueError("a server needs at least one domain")
+        self.encoder = encoder
+        self.domains = {d.name: d for d in domains}
+        self.limits = limits or Limits()
+        self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
+        self.batcher = Batcher(Scorer(encoder), max_batch=max_batch, max_wait_s=max_wait_s)
+        self._token_text: dict[int, str] = {}
+
+    # ---- request parsing ----------------------------------------------------------------------
+    def _domains(self, names) -> list[Domain]:
+        names = list(dict.fromkeys(names)) or list(self.domains)  # none: every served domain
+        unknown = [n for n in names if n not in self.domains]
+        if unknown:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown domain {unknown[0]!r}; this server serves: "
+                                                          f"{', '.join(self.domains)}")
+        return [self.domains[n] for n in names]
+
+    def _settings(self, s: pb.KnnSettings, first: Domain) -> tuple[int, float, float]:
+        k = s.k if s.HasField("k") else first.k
+        temperature = s.temperature if s.HasField("temperature") else first.temperature
+        lmbda = s.lmbda if s.HasField("lmbda") else first.lmbda
+        if not 1 <= k <= self.limits.max_k:
+            raise _invalid(f"k must be in [1, {self.limits.max_k}] (the server's --max-k), got {k}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise _invalid(f"temperature must be positive, got {temperature}")
+        if not 0.0 <= lmbda <= 1.0:
+            raise _invalid(f"lmbda (λ) must be in [0, 1], got {lmbda}")
+        return k, temperature, lmbda
+
+    def _tokens(self, text: str, what: str, minimum: int) -> list[int]:
+        if not text.strip():
+            raise _invalid(f"{what} is empty")
+        limit = self.limits.max_text_tokens
+        if len(text) > 64 * limit:  # no tokenizer gives 64 characters per token: refuse before tokenizing
+            raise _invalid(f"{what} is longer than the limit of {limit} tokens (--max-text-tokens)")
+        ids = self.encoder.tokenize(text)
+        if len(ids) > limit:
+            raise _invalid(f"{what} has {len(ids)} tokens, more than the limit of {limit} (--max-text-tokens)")
+        if len(ids) < minimum:
+            raise _invalid(f"{what} has {len(ids)} token(s); at least {minimum} are needed")
+        return ids
+
+    def _timeout(self, context) -> float:
+        remaining = context.time_remaining()
+        cap = self.limits.request_timeout_s
+        return cap if remaining is None else min(remaining, cap)
+
+    def _token_str(self, token_id: int) -> str:
+        s = self._token_text.get(token_id)
+        if s is None:
+            s = self._token_text[token_id] = self.encoder.lm.tokenizer.decode([token_id])
+        return s
+
+    def _job(self, ids, domains: list[Domain], settings, top_n: int = 0) -> Job:
+        k, temperature, lmbda = self._settings(settings, domains[0])
+        return Job(token_ids=ids, domains=tuple(d.name for d in domains), stores=tuple(d.store for d in domains),
+                   k=k, temperature=temperature, lmbda=lmbda, top_n=top_n)
+
+    @staticmethod
+    def _used(job: Job) -> pb.KnnSettings:
+        return pb.KnnSettings(k=job.k, temperature=job.temperature, lmbda=job.lmbda)
+
+    # ---- RPCs ---------------------------------------------------------------------------------
+    @_rpc
+    def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        domains = self._domains(request.domains)
+        ids = self._tokens(request.text, "text", minimum=2)
+        job = self.batcher.submit(self._job(ids, domains, request.settings), timeout=self._timeout(context))
+        return pb.ScoreResponse(
+            token_ids=ids, tokens=[self._token_str(i) for i in ids],
+            base_logprobs=job.base.tolist(), knn_logprobs=job.knn.tolist(), logprobs=job.mixed.tolist(),
+            scored_tokens=len(job.base), base_ppl=job.base_ppl, knnlm_ppl=job.knnlm_ppl,
+            settings=self._used(job), domains=job.domains)
+
+    @_rpc
+    def NextToken(self, request: pb.NextTokenRequest, context) -> pb.NextTokenResponse:
+        top_n = request.top_n or DEFAULT_TOP_N
+        if top_n > self.limits.max_top_n:
+            raise _invalid(f"top_n must be at most {self.limits.max_top_n}, got {top_n}")
+        domains = self._domains(request.domains)
+        ids = self._tokens(request.context, "context", minimum=1)
+        job = self.batcher.submit(self._job(ids, domains, request.settings, top_n=top_n),
+                                  timeout=self._timeout(context))
+        with_exp = lambda a, i: float(math.exp(a[i]))  # noqa: E731
+        return pb.NextTokenResponse(
+            candidates=[pb.TokenProbability(token_id=int(i), token=self._token_str(int(i)), prob=with_exp(job.mixed, i),
+                                            base_prob=with_exp(job.base, i), knn_prob=with_exp(job.knn, i))
+                        for i in job.top],
+            settings=self._used(job), domains=job.domains)
+
+    @_rpc
+    def Append(self, request_iterator, context) -> pb.AppendResponse:
+        deadline = time.monotonic() + self._timeout(context)
+        domain, replace = None, False
+        report = {"documents": 0, "tokens": 0, "added": 0, "skipped": 0, "changed": [], "replaced": []}
+        for req in request_iterator:
+            if domain is None:
+                if not req.domain:
+                    raise _invalid("the first Append message must name a domain")
+                (domain,) = self._domains([req.domain])
+                replace = req.replace
+            elif req.domain and req.domain != domain.name:
+                raise _invalid(f"one Append stream writes one domain: got {req.domain!r} after {domain.name!r}")
+            doc = req.document
+            if not doc.id or len(doc.id.encode()) > MAX_DOC_ID_BYTES:
+                raise _invalid(f"document #{report['documents'] + 1} needs an id of 1 to {MAX_DOC_ID_BYTES} bytes")
+            self._tokens(doc.text, f"document {doc.id!r}", minimum=1)
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"deadline passed after {report['documents']} document(s); "
+                                       "those are stored, and sending them again adds nothing")
+            try:
+                with self.batcher.lock:  # the encoder and the store, shared with the scoring worker
+                    r = ingest(self.encoder, domain.store, [Document(doc.id, doc.text)],
+                               domain=domain.ingest_domain, show_progress=False, replace=replace)
+            except Exception as exc:
+                raise DatastoreUnavailable([domain.name], exc) from exc
+            report["documents"] += 1
+            for key in ("tokens", "added", "skipped", "changed", "replaced"):
+                report[key] += getattr(r, key)
+        if domain is None:
+            raise _invalid("Append got no documents")
+        try:
+            count = domain.store.count()
+        except Exception as exc:
+            raise DatastoreUnavailable([domain.name], exc) from exc
+        log.info("appended %d document(s) to %s: %d entries added, %d already present, %d changed document(s) "
+                 "kept, %d replaced", report["documents"], domain.name, report["added"], report["skipped"],
+                 len(report["changed"]), len(report["replaced"]))
+        return pb.AppendResponse(count=count, **report)
+
+    @_rpc
+    def ListDomains(self, request, context) -> pb.ListDomainsResponse:
+        out = []
+        for d in self.domains.values():
+            try:
+                count = d.store.count()
+            except Exception as exc:
+                raise DatastoreUnavailable([d.name], exc) from exc
+            out.append(pb.DomainInfo(name=d.name, backend=d.backend, count=count, model=d.store.info.model,
+                                     key_type=d.store.info.key_type,
+                                     settings=pb.KnnSettings(k=d.k, temperature=d.temperature, lmbda=d.lmbda)))
+        return pb.ListDomainsResponse(domains=out)
+
+    def close(self) -> None:
+        self.batcher.close()
+        for d in self.domains.values():
+            try:
+                d.store.close()
+            except Exception as exc:  # closing must not hide the shutdown; say what was lost
+                log.warning("closing domain %s: %s", d.name, exc)
+
+
+@dataclass
+class Listen:
+    """Where and how the server listens. ``credentials``: ``grpc.ssl_server_credentials`` or None."""
+
+    host: str = "[::]"
+    port: int = 50051
+    credentials: object = None
+    health_port: int | None = None  # a separate plaintext port that answers only health (kubelet probes)
+    interceptors: list = field(default_factory=list)
+
+
+class KnnlmServer:
+    """A started gRPC server around a ``KnnlmService``; ``stop`` drains in-flight requests."""
+
+    def __init__(self, service: KnnlmService, listen: Listen, max_workers: int = 8):
+        self.service = service
+        limits = service.limits
+        options = [("grpc.max_receive_message_length", limits.max_request_bytes),
+                   ("grpc.max_send_message_length", limits.max_response_bytes),
+                   ("grpc.so_reuseport", 0)]
+        # Threads beyond max_workers keep health checks answered while every worker waits on a batch.
+        self._pool = futures.ThreadPoolExecutor(max_workers=max_workers + 2, thread_name_prefix="knnlm-rpc")
+        self.server = grpc.server(self._pool, options=options, interceptors=listen.interceptors,
+                                  maximum_concurrent_rpcs=4 * (max_workers + 2))
+        self.health = health.HealthServicer()
+        pb_grpc.add_KnnlmServicer_to_server(service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        address = f"{listen.host}:{listen.port}"
+        if listen.credentials is not None:
+            self.port = self.server.add_secure_port(address, listen.credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        self.health_server = None
+        self.health_port = None
+        if listen.health_port is not None and (listen.health_port == 0 or listen.health_port != listen.port):
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                                             options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{listen.host}:{listen.health_port}")
+        self._stopped = threading.Event()
+
+    def start(self) -> "KnnlmServer":
+        self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Refuse new requests, let in-flight ones finish for up to ``grace`` seconds, then release everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while the server drains
+        log.info("draining in-flight requests (up to %.0fs)", grace)
+        self.server.stop(grace).wait()
+        self.service.close()
+        if self.health_server is not None:
+            self.health_server.stop(None).wait()
+        self._pool.shutdown(wait=False)
+        log.info("server stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()

@@ -1,0 +1,64 @@
+"""Adaptive λ: useless retrieval fades out, useful retrieval is trusted, calibrations persist."""
+import numpy as np
+import pytest
+
+from knnlm_vdb.adaptive import Calibration, fit_calibration
+from knnlm_vdb.evaluate import Neighbours
+from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
+
+
+def synthetic(n=4000, k=16, useful=True, seed=0):
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, 1000, n).astype(np.int32)
+    lm = np.log(rng.uniform(0.05, 0.4, n))
+    ent = rng.uniform(1.0, 4.0, n)
+    maxlp = np.log(rng.uniform(0.2, 0.6, n))
+    dist = np.sort(rng.uniform(5, 50, (n, k)), axis=1).astype(np.float32)
+    vals = rng.integers(0, 1000, (n, k)).astype(np.int32)
+    if useful:  # half the tokens were memorised: a close neighbour with the right value
+        hit = rng.random(n) < 0.5
+        dist[hit, 0] = rng.uniform(0.0, 1.0, hit.sum())
+        vals[hit, 0] = targets[hit]
+    return Neighbours(targets, lm, dist, vals, ent, maxlp)
+
+
+def auto_ppl(cal, nb):
+    searched = cal.search_mask(nb.lm_entropy, nb.lm_max_logprob)
+    knn = knn_target_logprobs(nb.distances[:, :cal.k], nb.values[:, :cal.k], nb.targets, cal.temperature)
+    return perplexity(interpolate(nb.lm_logprobs, knn, cal.lambdas(nb.distances, nb.lm_entropy, nb.lm_max_logprob, searched)))
+
+
+def test_useless_retrieval_drives_lambda_to_zero():
+    nb = synthetic(useful=False)
+    cal, _ = fit_calibration(nb, k=16, temperature=1.0)
+    lam = cal.post(nb.distances, nb.lm_entropy, nb.lm_max_logprob)
+    assert lam.mean() < 0.01
+    assert auto_ppl(cal, nb) == pytest.approx(perplexity(nb.lm_logprobs), rel=0.005)
+
+
+def test_useful_retrieval_raises_lambda_where_neighbours_are_close():
+    nb = synthetic(useful=True)
+    cal, report = fit_calibration(nb, k=16, temperature=1.0)
+    lam = cal.post(nb.distances, nb.lm_entropy, nb.lm_max_logprob)
+    close = nb.distances[:, 0] < 1.0
+    assert lam[close].mean() > 0.5 > 0.1 > lam[~close].mean()
+    base = perplexity(nb.lm_logprobs)
+    best_fixed = min(perplexity(nb.knnlm_logprobs(16, 1.0, lam_)) for lam_ in np.linspace(0.05, 0.9, 18))
+    assert auto_ppl(cal, nb) < best_fixed < base
+
+
+def test_gate_fitted_in_domain_fades_out_on_far_neighbours():
+    nb = synthetic(useful=True)
+    cal, _ = fit_calibration(nb, k=16, temperature=1.0)
+    far = synthetic(useful=False, seed=1)
+    far.distances += 100.0  # another domain: everything is far away
+    assert auto_ppl(cal, far) <= perplexity(far.lm_logprobs) * 1.005
+
+
+def test_calibration_round_trips_through_a_dict():
+    cal, _ = fit_calibration(synthetic(), k=8, temperature=2.0)
+    again = Calibration.from_dict(cal.to_dict())
+    nb = synthetic(seed=3)
+    np.testing.assert_allclose(again.post(nb.distances, nb.lm_entropy, nb.lm_max_logprob),
+                               cal.post(nb.distances, nb.lm_entropy, nb.lm_max_logprob))
+    assert (again.k, again.temperature, again.skip_below) == (8, 2.0, cal.skip_below)
