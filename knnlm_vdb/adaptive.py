@@ -67,12 +67,19 @@ def _fit_gate(names, distances, lm_entropy, lm_max_logprob, lm_logprobs, knn_log
     z = torch.tensor((x - mean) / std)
     lm = torch.tensor(np.asarray(lm_logprobs, np.float64))
     knn = torch.tensor(np.maximum(np.asarray(knn_logprobs, np.float64), -1e4))  # -inf -> very unlikely
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    # λ may only fall as neighbours get farther: the gate then extrapolates safely to other
+    # domains, whose neighbours are all farther than anything seen while fitting.
+    monotone = torch.tensor([n.startswith("log_d") for n in names])
+    u = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([u, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def weights():
+        return torch.where(monotone, -torch.nn.functional.softplus(u), u)
 
     def loss():
         opt.zero_grad()
+        w = weights()
         lam = lambda_max * torch.sigmoid(z @ w + b)
         ll = torch.logaddexp(torch.log1p(-lam) + lm, torch.log(lam) + knn)
         value = -ll.mean() + l2 * (w * w).sum()
@@ -80,7 +87,8 @@ def _fit_gate(names, distances, lm_entropy, lm_max_logprob, lm_logprobs, knn_log
         return value
 
     opt.step(loss)
-    return LinearGate(tuple(names), mean.tolist(), std.tolist(), w.detach().tolist(), float(b.detach()), lambda_max)
+    return LinearGate(tuple(names), mean.tolist(), std.tolist(), weights().detach().tolist(), float(b.detach()),
+                      lambda_max)
 
 
 @dataclass
@@ -131,3 +139,22 @@ def fit_calibration(neighbours, k: int, temperature: float, max_ppl_cost: float 
               "valid_skipped": float(1 - cal.search_mask(nb.lm_entropy, nb.lm_max_logprob).mean()),
               "skip_curve": curve}
     return cal, report
+
+
+def mix_domains(lm_logprobs: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], max_total: float = 0.95) -> np.ndarray:
+    """Mix the LM with several domains' p_kNN, each with its own per-token λ.
+
+    ``parts`` holds (log p_kNN of the target, λ) per domain. Each domain's weight comes from
+    its own retrieval evidence, so a domain whose neighbours are far away fades out by itself
+    instead of diluting a domain that matches. Weights summing over ``max_total`` are scaled down.
+    """
+    lams = np.stack([np.asarray(lam, np.float64) for _, lam in parts])
+    total = lams.sum(0)
+    scale = np.where(total > max_total, max_total / np.maximum(total, 1e-12), 1.0)
+    lams = lams * scale
+    with np.errstate(divide="ignore"):
+        terms = [np.log1p(-lams.sum(0)) + np.asarray(lm_logprobs, np.float64)]
+        terms += [np.log(lam) + np.asarray(knn, np.float64) for (knn, _), lam in zip(parts, lams)]
+    stacked = np.stack(terms)
+    m = np.max(stacked, 0)
+    return m + np.log(np.sum(np.exp(stacked - m), 0))

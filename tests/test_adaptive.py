@@ -62,3 +62,14 @@ def test_calibration_round_trips_through_a_dict():
     np.testing.assert_allclose(again.post(nb.distances, nb.lm_entropy, nb.lm_max_logprob),
                                cal.post(nb.distances, nb.lm_entropy, nb.lm_max_logprob))
     assert (again.k, again.temperature, again.skip_below) == (8, 2.0, cal.skip_below)
+
+
+def test_mix_domains_with_one_domain_equals_interpolation_and_a_zero_weight_domain_is_ignored():
+    from knnlm_vdb.adaptive import mix_domains
+
+    rng = np.random.default_rng(0)
+    lm, knn = np.log(rng.uniform(0.01, 1, 50)), np.log(rng.uniform(0.01, 1, 50))
+    lam = rng.uniform(0, 0.9, 50)
+    np.testing.assert_allclose(mix_domains(lm, [(knn, lam)]), interpolate(lm, knn, lam), rtol=1e-12)
+    other = np.full(50, -np.inf)
+    np.testing.assert_allclose(mix_domains(lm, [(knn, lam), (other, np.zeros(50))]), interpolate(lm, knn, lam))
