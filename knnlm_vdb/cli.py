@@ -298,10 +298,17 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
 @click.option("--shard", default="0/1", show_default=True, help="encode only shard i of N (i/N), for parallel workers")
 @click.option("--replace", is_flag=True, help="re-ingest documents whose text changed, deleting their old entries")
 @click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
+@opt("index", help="Milvus: index of a domain that does not exist yet (FLAT, IVF_FLAT, HNSW, ...)")
+@click.option("--nlist", type=int, default=None, help="Milvus: IVF lists of a new domain")
+@opt("nprobe", type=int, help="Milvus: IVF lists visited per query, for a new domain")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datastores, backend, uri, domains,
-           consistency, shard, replace, max_tokens, as_json):
-    """Add documents to a live datastore: idempotent, resumable after a crash, shardable."""
+           consistency, shard, replace, max_tokens, index, nlist, nprobe, as_json):
+    """Add documents to a live datastore: idempotent, resumable after a crash, shardable.
+
+    A Milvus domain that does not exist yet is created (with --index, like build); parallel
+    shards may all try at once, and all but one then open the domain the winner made.
+    """
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.ingest import parse_shard
 
@@ -311,8 +318,22 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
     read_corpora(corpus)
     if backend == "faiss" and not (Path(location) / "meta.json").is_file():
         raise KnnlmError(f"no FAISS datastore at {location}; create it with `knnlm-vdb build --out {location}`")
+    if backend == "milvus":
+        from knnlm_vdb.schema import preflight
+
+        preflight(uri, token=milvus_options()["token"])  # a database newer than this code: refuse before the model loads
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    (store,) = open_stores(backend, [location], uri, consistency, encoder)
+    if backend == "milvus":
+        from knnlm_vdb.datastore import StoreInfo
+        from knnlm_vdb.datastore.milvus_store import MilvusDatastore
+
+        itype = index.upper()
+        store = MilvusDatastore.open_or_create(
+            uri, location, StoreInfo.for_encoder(encoder), **milvus_options(consistency), index_type=itype,
+            index_params={"nlist": nlist} if nlist else {}, search_params={"nprobe": nprobe} if "IVF" in itype else {})
+        store.info.check_compatible(StoreInfo.for_encoder(encoder), location)
+    else:
+        (store,) = open_stores(backend, [location], uri, consistency, encoder)
     _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard_spec, replace, as_json)
 
 
@@ -430,4 +451,7 @@ def demo(backend, workdir, model, as_json):
 from knnlm_vdb.service.commands import serve, score  # noqa: E402
 main.add_command(serve)
 main.add_command(score)
-
+from knnlm_vdb.admin import domains, migrate, reindex  # noqa: E402
+main.add_command(domains)
+main.add_command(migrate)
+main.add_command(reindex)

@@ -20,8 +20,10 @@ from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 
 
-def _settings(k=None, temperature=None, lmbda=None) -> pb.KnnSettings:
+def _settings(k=None, temperature=None, lmbda=None, adaptive=None) -> pb.KnnSettings:
     s = pb.KnnSettings()
+    if adaptive is not None:
+        s.adaptive = adaptive
     if k is not None:
         s.k = k
     if temperature is not None:
@@ -65,15 +67,17 @@ class KnnlmClient:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
 
     def score(self, text: str, domains: Iterable[str] = (), k: int | None = None, temperature: float | None = None,
-              lmbda: float | None = None, timeout: float | None = None) -> pb.ScoreResponse:
-        req = pb.ScoreRequest(text=text, domains=list(domains), settings=_settings(k, temperature, lmbda))
+              lmbda: float | None = None, adaptive: bool | None = None,
+              timeout: float | None = None) -> pb.ScoreResponse:
+        """Settings left as None take the server's defaults; ``adaptive=True``: the domain's per-token λ."""
+        req = pb.ScoreRequest(text=text, domains=list(domains), settings=_settings(k, temperature, lmbda, adaptive))
         return self.stub.Score(req, **self._kw(timeout))
 
     def next_token(self, context: str, top_n: int = 10, domains: Iterable[str] = (), k: int | None = None,
-                   temperature: float | None = None, lmbda: float | None = None,
+                   temperature: float | None = None, lmbda: float | None = None, adaptive: bool | None = None,
                    timeout: float | None = None) -> pb.NextTokenResponse:
         req = pb.NextTokenRequest(context=context, top_n=top_n, domains=list(domains),
-                                  settings=_settings(k, temperature, lmbda))
+                                  settings=_settings(k, temperature, lmbda, adaptive))
         return self.stub.NextToken(req, **self._kw(timeout))
 
     def append(self, domain: str, documents: Iterable[Document | tuple[str, str]], replace: bool = False,

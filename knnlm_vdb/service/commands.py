@@ -11,10 +11,9 @@ from pathlib import Path
 import click
 
 from knnlm_vdb.cli import (TOKEN_ENV, emit, knn_options, location_options, make_encoder, milvus_options,
-                           model_options, open_stores, resolve_knn_settings, resolve_locations)
+                           model_options, open_stores, parse_lambda, resolve_knn_settings, resolve_locations)
 from knnlm_vdb.errors import KnnlmError
 from knnlm_vdb.service import security
-from knnlm_vdb.settings import DEFAULTS
 
 log = logging.getLogger("knnlm_vdb.serve")
 
@@ -42,7 +41,7 @@ def _open_domains(backend, locations, uri, consistency, encoder, milvus_token):
     return stores
 
 
-def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure, port):
+def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure):
     """-> (server credentials or None, interceptors); refuses an open server unless --insecure."""
     tls_cert = tls_cert or _from_dir(TLS_DIR_ENV, "tls.crt")
     tls_key = tls_key or _from_dir(TLS_DIR_ENV, "tls.key")
@@ -58,8 +57,8 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
         if not insecure:
             raise KnnlmError("refusing to serve without TLS or token authentication: pass --tls-cert/--tls-key, "
                              f"set ${security.READ_TOKEN_ENV} (or --token-file), or pass --insecure on a trusted network")
-        log.warning("serving plaintext WITHOUT authentication (--insecure): anyone who reaches port %s can score "
-                    "and append", port)
+        log.warning("serving plaintext WITHOUT authentication (--insecure): anyone who reaches the gRPC port "
+                    "can score and append")
     elif creds is None:
         log.warning("tokens are checked but travel in plaintext; use --tls-cert/--tls-key outside a trusted network")
     log.info("security: TLS %s, tokens: %d read, %d write", "mutual" if tls_client_ca else "on" if creds else "off",
@@ -126,11 +125,12 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
             raise KnnlmError(f"{name} must be at least {low}, got {value}")
     if batch_wait_ms < 0 or request_timeout <= 0 or grace < 0:
         raise KnnlmError("--batch-wait-ms and --grace must be >= 0 and --request-timeout > 0")
-    check_params(lmbda=lmbda, k=k, temperature=temperature)
+    lam = parse_lambda(lmbda)
+    check_params(lmbda=None if lam == "auto" else lam, k=k, temperature=temperature)
     if k is not None and k > max_k:
         raise KnnlmError(f"--k {k} exceeds --max-k {max_k}")
     backend, locations = resolve_locations(datastores, backend, uri, domains)
-    creds, interceptors = _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure, port)
+    creds, interceptors = _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure)
     milvus_token = security.read_secret(milvus_token_file) if milvus_token_file else None
 
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
@@ -141,13 +141,15 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
         if any(d.name == name for d in served):
             raise KnnlmError(f"two datastores would both be served as domain {name!r}; rename one directory")
         dk, dt, dl, calibration = resolve_knn_settings([store], k, temperature, lmbda)
-        if calibration is not None:  # TODO(issue 9): per-token λ in the service; until then the best fixed λ
-            dl = float(store.info.extra.get("tuned", {}).get("lambda", DEFAULTS["lambda"]))
+        if calibration is not None:  # requests that set k, T or λ get the tuned fixed setting
+            dk, dt, dl, _ = resolve_knn_settings([store], dk, dt, None)
         if dk > max_k:
             raise KnnlmError(f"domain {name}: its k={dk} exceeds --max-k {max_k}")
         ingest_domain = store.describe().get("domain", "default") if backend == "faiss" else loc
         store.search(np.zeros((1, store.info.dim), np.float32), 1)  # load the index now
-        served.append(Domain(name, store, backend, ingest_domain, dk, dt, dl))
+        served.append(Domain(name, store, backend, ingest_domain, dk, dt, dl, calibration))
+        log.info("domain %s: %s", name, f"adaptive λ (k={calibration.k}, T={calibration.temperature})"
+                 if calibration is not None else f"k={dk} T={dt} λ={dl}")
     limits = Limits(max_text_tokens=max_text_tokens, max_k=max_k, max_request_bytes=max_request_bytes,
                     max_concurrent=max_concurrent or max_workers, request_timeout_s=request_timeout)
     service = KnnlmService(encoder, served, limits, max_batch=max_batch, max_wait_s=batch_wait_ms / 1e3)
@@ -203,7 +205,8 @@ def make_client(target, tls, tls_ca, tls_cert, tls_key, server_name, token_file)
 @click.option("--domain", "domains", multiple=True, help="domain to search (repeatable) [default: all served]")
 @click.option("--k", type=int, default=None, help="neighbours per query [default: the server's]")
 @click.option("--temperature", "-T", type=float, default=None, help="softmax temperature [default: the server's]")
-@click.option("--lambda", "lmbda", type=float, default=None, help="kNN weight [default: the server's]")
+@click.option("--lambda", "lmbda", default=None,
+              help="kNN weight in [0, 1], or 'auto' for the domain's adaptive λ [default: the server's]")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds per document")
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
@@ -216,31 +219,38 @@ def score(target, tls, tls_ca, tls_cert, tls_key, server_name, token_file, domai
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.knn import check_params, perplexity
 
-    check_params(lmbda=lmbda, k=k, temperature=temperature)
+    lam = parse_lambda(lmbda)
+    check_params(lmbda=None if lam == "auto" else lam, k=k, temperature=temperature)
+    settings = {"k": k, "temperature": temperature, "lmbda": None if lam == "auto" else lam,
+                "adaptive": True if lam == "auto" else None}
     docs = read_corpora(files)
-    base, mixed, settings, used_domains = [], [], None, []
+    base, mixed, lambdas, searched, used, used_domains = [], [], [], 0.0, None, []
     t0 = time.perf_counter()
     with make_client(target, tls, tls_ca, tls_cert, tls_key, server_name, token_file) as client:
         for doc in docs:
             try:
-                r = client.score(doc.text, domains=domains, k=k, temperature=temperature, lmbda=lmbda,
-                                 timeout=timeout)
+                r = client.score(doc.text, domains=domains, timeout=timeout, **settings)
             except grpc.RpcError as exc:
                 raise KnnlmError(f"{target}: {exc.code().name}: {exc.details()} (document {doc.doc_id})") from None
             base.append(np.asarray(r.base_logprobs, np.float64))
             mixed.append(np.asarray(r.logprobs, np.float64))
-            settings, used_domains = r.settings, list(r.domains)
+            lambdas.append(np.asarray(r.lambdas, np.float64) if r.settings.adaptive else
+                           np.full(r.scored_tokens, r.settings.lmbda))
+            searched += r.searched_fraction * r.scored_tokens
+            used, used_domains = r.settings, list(r.domains)
     seconds = time.perf_counter() - t0
-    base, mixed = np.concatenate(base), np.concatenate(mixed)
+    base, mixed, lambdas = np.concatenate(base), np.concatenate(mixed), np.concatenate(lambdas)
     n = len(base)
     result = {"tokens": n, "base_ppl": perplexity(base), "knnlm_ppl": perplexity(mixed),
-              "documents": len(docs), "k": settings.k, "temperature": settings.temperature, "lambda": settings.lmbda,
-              "domains": used_domains, "server": target, "seconds": seconds,
+              "documents": len(docs), "k": used.k, "temperature": used.temperature,
+              "lambda": "auto" if used.adaptive else used.lmbda, "mean_lambda": float(lambdas.mean()),
+              "searched_fraction": searched / n, "domains": used_domains, "server": target, "seconds": seconds,
               "knnlm_tokens_per_s": n / seconds if seconds else None}
     emit(result, as_json, [
         f"tokens          {n:,} in {len(docs)} document(s)",
         f"base LM         perplexity {result['base_ppl']:.3f}",
-        f"kNN-LM          perplexity {result['knnlm_ppl']:.3f} (k={settings.k}, T={settings.temperature:g}, "
-        f"λ={settings.lmbda:g}; domains {', '.join(used_domains)}) via {target} in {seconds:.1f}s",
+        f"kNN-LM          perplexity {result['knnlm_ppl']:.3f} (k={used.k}, T={used.temperature:g}, "
+        f"λ={'auto, mean ' if used.adaptive else ''}{result['mean_lambda']:.3g}; domains {', '.join(used_domains)}; "
+        f"{100 * result['searched_fraction']:.0f}% of tokens searched) via {target} in {seconds:.1f}s",
     ])
 

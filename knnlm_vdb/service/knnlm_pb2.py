@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dknnlm_vdb/service/knnlm.proto\x12\x08knnlm.v1\"k\n\x0bKnnSettings\x12\x12\n\x05lmbda\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x01k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_lmbdaB\x04\n\x02_kB\x0e\n\x0c_temperature\"V\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x64omains\x18\x02 \x03(\t\x12\'\n\x08settings\x18\x03 \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\"\xe7\x01\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rbase_logprobs\x18\x03 \x03(\x02\x12\x14\n\x0cknn_logprobs\x18\x04 \x03(\x02\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x15\n\rscored_tokens\x18\x06 \x01(\r\x12\x10\n\x08\x62\x61se_ppl\x18\x07 \x01(\x01\x12\x11\n\tknnlm_ppl\x18\x08 \x01(\x01\x12\'\n\x08settings\x18\t \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\x12\x0f\n\x07\x64omains\x18\n \x03(\t\"l\n\x10NextTokenRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\r\n\x05top_n\x18\x02 \x01(\r\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\x12\'\n\x08settings\x18\x04 \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\"f\n\x10TokenProbability\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04prob\x18\x03 \x01(\x01\x12\x11\n\tbase_prob\x18\x04 \x01(\x01\x12\x10\n\x08knn_prob\x18\x05 \x01(\x01\"}\n\x11NextTokenResponse\x12.\n\ncandidates\x18\x01 \x03(\x0b\x32\x1a.knnlm.v1.TokenProbability\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"V\n\rAppendRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12$\n\x08\x64ocument\x18\x02 \x01(\x0b\x32\x12.knnlm.v1.Document\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"\x85\x01\n\x0e\x41ppendResponse\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x01(\x04\x12\x0f\n\x07skipped\x18\x04 \x01(\x04\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x06 \x03(\t\x12\x10\n\x08replaced\x18\x07 \x03(\t\"\x14\n\x12ListDomainsRequest\"\x84\x01\n\nDomainInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08key_type\x18\x05 \x01(\t\x12\'\n\x08settings\x18\x06 \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\"<\n\x13ListDomainsResponse\x12%\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x14.knnlm.v1.DomainInfo2\x92\x02\n\x05Knnlm\x12\x38\n\x05Score\x12\x16.knnlm.v1.ScoreRequest\x1a\x17.knnlm.v1.ScoreResponse\x12\x44\n\tNextToken\x12\x1a.knnlm.v1.NextTokenRequest\x1a\x1b.knnlm.v1.NextTokenResponse\x12=\n\x06\x41ppend\x12\x17.knnlm.v1.AppendRequest\x1a\x18.knnlm.v1.AppendResponse(\x01\x12J\n\x0bListDomains\x12\x1c.knnlm.v1.ListDomainsRequest\x1a\x1d.knnlm.v1.ListDomainsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dknnlm_vdb/service/knnlm.proto\x12\x08knnlm.v1\"\x8f\x01\n\x0bKnnSettings\x12\x12\n\x05lmbda\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x01k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08\x61\x64\x61ptive\x18\x04 \x01(\x08H\x03\x88\x01\x01\x42\x08\n\x06_lmbdaB\x04\n\x02_kB\x0e\n\x0c_temperatureB\x0b\n\t_adaptive\"V\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x64omains\x18\x02 \x03(\t\x12\'\n\x08settings\x18\x03 \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\"\x93\x02\n\rScoreResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rbase_logprobs\x18\x03 \x03(\x02\x12\x14\n\x0cknn_logprobs\x18\x04 \x03(\x02\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x15\n\rscored_tokens\x18\x06 \x01(\r\x12\x10\n\x08\x62\x61se_ppl\x18\x07 \x01(\x01\x12\x11\n\tknnlm_ppl\x18\x08 \x01(\x01\x12\'\n\x08settings\x18\t \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\x12\x0f\n\x07\x64omains\x18\n \x03(\t\x12\x0f\n\x07lambdas\x18\x0b \x03(\x02\x12\x19\n\x11searched_fraction\x18\x0c \x01(\x01\"l\n\x10NextTokenRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\r\n\x05top_n\x18\x02 \x01(\r\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\x12\'\n\x08settings\x18\x04 \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\"f\n\x10TokenProbability\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04prob\x18\x03 \x01(\x01\x12\x11\n\tbase_prob\x18\x04 \x01(\x01\x12\x10\n\x08knn_prob\x18\x05 \x01(\x01\"}\n\x11NextTokenResponse\x12.\n\ncandidates\x18\x01 \x03(\x0b\x32\x1a.knnlm.v1.TokenProbability\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\x12\x0f\n\x07\x64omains\x18\x03 \x03(\t\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"V\n\rAppendRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12$\n\x08\x64ocument\x18\x02 \x01(\x0b\x32\x12.knnlm.v1.Document\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"\x85\x01\n\x0e\x41ppendResponse\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x01(\x04\x12\x0f\n\x07skipped\x18\x04 \x01(\x04\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x06 \x03(\t\x12\x10\n\x08replaced\x18\x07 \x03(\t\"\x14\n\x12ListDomainsRequest\"\x84\x01\n\nDomainInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08key_type\x18\x05 \x01(\t\x12\'\n\x08settings\x18\x06 \x01(\x0b\x32\x15.knnlm.v1.KnnSettings\"<\n\x13ListDomainsResponse\x12%\n\x07\x64omains\x18\x01 \x03(\x0b\x32\x14.knnlm.v1.DomainInfo2\x92\x02\n\x05Knnlm\x12\x38\n\x05Score\x12\x16.knnlm.v1.ScoreRequest\x1a\x17.knnlm.v1.ScoreResponse\x12\x44\n\tNextToken\x12\x1a.knnlm.v1.NextTokenRequest\x1a\x1b.knnlm.v1.NextTokenResponse\x12=\n\x06\x41ppend\x12\x17.knnlm.v1.AppendRequest\x1a\x18.knnlm.v1.AppendResponse(\x01\x12J\n\x0bListDomains\x12\x1c.knnlm.v1.ListDomainsRequest\x1a\x1d.knnlm.v1.ListDomainsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'knnlm_vdb.service.knnlm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KNNSETTINGS']._serialized_start=43
-  _globals['_KNNSETTINGS']._serialized_end=150
-  _globals['_SCOREREQUEST']._serialized_start=152
-  _globals['_SCOREREQUEST']._serialized_end=238
-  _globals['_SCORERESPONSE']._serialized_start=241
-  _globals['_SCORERESPONSE']._serialized_end=472
-  _globals['_NEXTTOKENREQUEST']._serialized_start=474
-  _globals['_NEXTTOKENREQUEST']._serialized_end=582
-  _globals['_TOKENPROBABILITY']._serialized_start=584
-  _globals['_TOKENPROBABILITY']._serialized_end=686
-  _globals['_NEXTTOKENRESPONSE']._serialized_start=688
-  _globals['_NEXTTOKENRESPONSE']._serialized_end=813
-  _globals['_DOCUMENT']._serialized_start=815
-  _globals['_DOCUMENT']._serialized_end=851
-  _globals['_APPENDREQUEST']._serialized_start=853
-  _globals['_APPENDREQUEST']._serialized_end=939
-  _globals['_APPENDRESPONSE']._serialized_start=942
-  _globals['_APPENDRESPONSE']._serialized_end=1075
-  _globals['_LISTDOMAINSREQUEST']._serialized_start=1077
-  _globals['_LISTDOMAINSREQUEST']._serialized_end=1097
-  _globals['_DOMAININFO']._serialized_start=1100
-  _globals['_DOMAININFO']._serialized_end=1232
-  _globals['_LISTDOMAINSRESPONSE']._serialized_start=1234
-  _globals['_LISTDOMAINSRESPONSE']._serialized_end=1294
-  _globals['_KNNLM']._serialized_start=1297
-  _globals['_KNNLM']._serialized_end=1571
+  _globals['_KNNSETTINGS']._serialized_start=44
+  _globals['_KNNSETTINGS']._serialized_end=187
+  _globals['_SCOREREQUEST']._serialized_start=189
+  _globals['_SCOREREQUEST']._serialized_end=275
+  _globals['_SCORERESPONSE']._serialized_start=278
+  _globals['_SCORERESPONSE']._serialized_end=553
+  _globals['_NEXTTOKENREQUEST']._serialized_start=555
+  _globals['_NEXTTOKENREQUEST']._serialized_end=663
+  _globals['_TOKENPROBABILITY']._serialized_start=665
+  _globals['_TOKENPROBABILITY']._serialized_end=767
+  _globals['_NEXTTOKENRESPONSE']._serialized_start=769
+  _globals['_NEXTTOKENRESPONSE']._serialized_end=894
+  _globals['_DOCUMENT']._serialized_start=896
+  _globals['_DOCUMENT']._serialized_end=932
+  _globals['_APPENDREQUEST']._serialized_start=934
+  _globals['_APPENDREQUEST']._serialized_end=1020
+  _globals['_APPENDRESPONSE']._serialized_start=1023
+  _globals['_APPENDRESPONSE']._serialized_end=1156
+  _globals['_LISTDOMAINSREQUEST']._serialized_start=1158
+  _globals['_LISTDOMAINSREQUEST']._serialized_end=1178
+  _globals['_DOMAININFO']._serialized_start=1181
+  _globals['_DOMAININFO']._serialized_end=1313
+  _globals['_LISTDOMAINSRESPONSE']._serialized_start=1315
+  _globals['_LISTDOMAINSRESPONSE']._serialized_end=1375
+  _globals['_KNNLM']._serialized_start=1378
+  _globals['_KNNLM']._serialized_end=1652
 # @@protoc_insertion_point(module_scope)

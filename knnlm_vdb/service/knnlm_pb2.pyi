@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KnnSettings(_message.Message):
-    __slots__ = ("lmbda", "k", "temperature")
+    __slots__ = ("lmbda", "k", "temperature", "adaptive")
     LMBDA_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     lmbda: float
     k: int
     temperature: float
-    def __init__(self, lmbda: _Optional[float] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    adaptive: bool
+    def __init__(self, lmbda: _Optional[float] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., adaptive: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("text", "domains", "settings")
@@ -27,7 +29,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("token_ids", "tokens", "base_logprobs", "knn_logprobs", "logprobs", "scored_tokens", "base_ppl", "knnlm_ppl", "settings", "domains")
+    __slots__ = ("token_ids", "tokens", "base_logprobs", "knn_logprobs", "logprobs", "scored_tokens", "base_ppl", "knnlm_ppl", "settings", "domains", "lambdas", "searched_fraction")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BASE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +40,8 @@ class ScoreResponse(_message.Message):
     KNNLM_PPL_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    LAMBDAS_FIELD_NUMBER: _ClassVar[int]
+    SEARCHED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: _containers.RepeatedScalarFieldContainer[str]
     base_logprobs: _containers.RepeatedScalarFieldContainer[float]
@@ -48,7 +52,9 @@ class ScoreResponse(_message.Message):
     knnlm_ppl: float
     settings: KnnSettings
     domains: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., base_logprobs: _Optional[_Iterable[float]] = ..., knn_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., scored_tokens: _Optional[int] = ..., base_ppl: _Optional[float] = ..., knnlm_ppl: _Optional[float] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ...) -> None: ...
+    lambdas: _containers.RepeatedScalarFieldContainer[float]
+    searched_fraction: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., base_logprobs: _Optional[_Iterable[float]] = ..., knn_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., scored_tokens: _Optional[int] = ..., base_ppl: _Optional[float] = ..., knnlm_ppl: _Optional[float] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., lambdas: _Optional[_Iterable[float]] = ..., searched_fraction: _Optional[float] = ...) -> None: ...
 
 class NextTokenRequest(_message.Message):
     __slots__ = ("context", "top_n", "domains", "settings")

@@ -4,8 +4,9 @@ Serving many small requests one by one wastes both the LM (tiny matrix products)
 vector database (one round trip per query). Here the windows of every request in a batch
 go through the LM together, right-padded to one length: with causal attention a pad token
 only follows the real ones, so it cannot change their hidden states, and positions start at
-0 in every row as they do offline. The windows are the ones ``Encoder.encode`` uses, so a
-text scores the same here as in ``evaluate`` (up to float rounding of other batch shapes).
+0 in every row as they do offline. The windows are the ones ``Encoder.encode`` uses and λ is
+applied as ``evaluate`` applies it (fixed, or per token from a calibration), so a text scores
+the same here as offline, up to float rounding of other batch shapes.
 """
 from __future__ import annotations
 
@@ -35,22 +36,30 @@ class DatastoreUnavailable(Exception):
 
 @dataclass
 class Job:
-    """One request's work. ``top_n == 0``: score every token; else the next-token distribution."""
+    """One request's work. ``top_n == 0``: score every token; else the next-token distribution.
+
+    ``calibration`` (adaptive.Calibration) replaces the fixed ``lmbda`` by a per-token λ and
+    skips the searches its pre-search gate deems useless.
+    """
 
     token_ids: list[int]
     domains: tuple[str, ...]
     stores: tuple
     k: int
     temperature: float
-    lmbda: float
+    lmbda: float | None
     top_n: int = 0
+    calibration: object = None
     # filled by Scorer.run
     base: np.ndarray | None = None  # score: log p_LM [n-1]; next: log p_LM over the vocabulary [V]
     knn: np.ndarray | None = None
     mixed: np.ndarray | None = None
+    lambdas: np.ndarray | None = None  # λ per scored token (one for next)
+    searched: np.ndarray | None = None  # bool per query: its neighbours were searched
     top: np.ndarray | None = None  # next: the top_n token ids by mixed probability
     _keys: list = field(default_factory=list, repr=False)
     _base: list = field(default_factory=list, repr=False)
+    _feats: list = field(default_factory=list, repr=False)
 
     @property
     def scores_text(self) -> bool:
@@ -73,6 +82,10 @@ class _Row:
     ids: list[int]
     query_cols: np.ndarray  # columns (in the window) whose state is a query
     targets: np.ndarray | None  # score: the next tokens; next: None (keep the full distribution)
+
+
+def _cat(parts) -> np.ndarray:
+    return np.concatenate([np.asarray(p) for _, p in parts])
 
 
 class Scorer:
@@ -107,6 +120,8 @@ class Scorer:
             yield batch
 
     def _forward(self, batch: list[_Row]) -> None:
+        """Keys, log p_LM (of the target, or of the whole vocabulary) and, for calibrated jobs,
+        the LM's entropy and top log-probability, for every query of ``batch``."""
         import torch
 
         enc = self.encoder
@@ -117,7 +132,9 @@ class Scorer:
         targets = torch.as_tensor(np.concatenate(
             [r.targets if r.targets is not None else np.zeros(len(r.query_cols), np.int64) for r in batch]))
         full_rows = {int(offsets[b]) for b, r in enumerate(batch) if r.targets is None}
-        target_lp = np.empty(int(offsets[-1]), dtype=np.float64)
+        n = int(offsets[-1])
+        target_lp, entropy, max_lp = np.empty(n), np.empty(n), np.empty(n)
+        need_feats = any(r.job.calibration is not None for r in batch)
         full: dict[int, np.ndarray] = {}
         with torch.inference_mode():
             keys, hidden = enc.forward(ids.to(enc.lm.device))
@@ -126,16 +143,20 @@ class Scorer:
             rows_t, cols_t = rows_t.to(keys.device), cols_t.to(keys.device)
             q_keys = keys[rows_t, cols_t].float().cpu().numpy()
             q_hidden = hidden[rows_t, cols_t]
-            for s in range(0, len(q_hidden), HEAD_ROWS):
+            for s in range(0, n, HEAD_ROWS):
                 lp = torch.log_softmax(enc.head(q_hidden[s:s + HEAD_ROWS]).float(), dim=-1)
-                t = targets[s:s + len(lp)].to(lp.device)
-                target_lp[s:s + len(lp)] = lp.gather(1, t[:, None])[:, 0].cpu().numpy()
-                for i in full_rows.intersection(range(s, s + len(lp))):
+                e = s + len(lp)
+                target_lp[s:e] = lp.gather(1, targets[s:e].to(lp.device)[:, None])[:, 0].cpu().numpy()
+                if need_feats:  # as Encoder.encode computes them for evaluate
+                    entropy[s:e] = (-(lp.exp() * lp).sum(-1)).cpu().numpy()
+                    max_lp[s:e] = lp.max(-1).values.cpu().numpy()
+                for i in full_rows.intersection(range(s, e)):
                     full[i] = lp[i - s].cpu().numpy()
         for b, r in enumerate(batch):
             lo, hi = int(offsets[b]), int(offsets[b + 1])
             r.job._keys.append((r, q_keys[lo:hi]))
-            r.job._base.append((r, full[lo] if r.targets is None else target_lp[lo:hi]))
+            r.job._base.append((r, full[lo][None] if r.targets is None else target_lp[lo:hi]))
+            r.job._feats.append((r, np.stack([entropy[lo:hi], max_lp[lo:hi]], axis=1)))
 
     def run(self, jobs: list[Job]) -> dict[int, BaseException]:
         """Fill each job's results in place; returns ``{index: error}`` for jobs that failed."""
@@ -144,40 +165,54 @@ class Scorer:
         order = {id(r): i for i, r in enumerate(rows)}
         for batch in self._micro_batches(rows):
             self._forward(batch)
-        for job in jobs:  # restore document order, which sorting by length broke
-            job._keys.sort(key=lambda t: order[id(t[0])])
-            job._base.sort(key=lambda t: order[id(t[0])])
+        for job in jobs:  # back to document order, which sorting by length broke
+            for parts in (job._keys, job._base, job._feats):
+                parts.sort(key=lambda t: order[id(t[0])])
+            feats = _cat(job._feats)
+            job.searched = np.ones(len(feats), bool) if job.calibration is None else \
+                job.calibration.search_mask(feats[:, 0], feats[:, 1])
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((tuple(id(s) for s in job.stores), job.k), []).append(i)
         for (_, k), members in groups.items():
-            queries = [np.concatenate([q for _, q in jobs[i]._keys]) for i in members]
+            queries = [_cat(jobs[i]._keys)[jobs[i].searched] for i in members]
             sizes = np.cumsum([0] + [len(q) for q in queries])
-            try:
-                dist, vals = search_all(list(jobs[members[0]].stores), np.concatenate(queries), k)
-            except Exception as exc:  # the store's failure, not the request's: report, keep serving
-                log.warning("search in %s failed: %s", ", ".join(jobs[members[0]].domains), exc)
-                for i in members:
-                    errors[i] = DatastoreUnavailable(jobs[i].domains, exc)
-                continue
+            dist = np.full((int(sizes[-1]), k), np.inf, np.float32)
+            vals = np.full((int(sizes[-1]), k), -1, np.int32)
+            if sizes[-1]:
+                try:
+                    dist, vals = search_all(list(jobs[members[0]].stores), np.concatenate(queries), k)
+                except Exception as exc:  # the store's failure, not the request's: report it, keep serving
+                    log.warning("search in %s failed: %s", ", ".join(jobs[members[0]].domains), exc)
+                    for i in members:
+                        errors[i] = DatastoreUnavailable(jobs[i].domains, exc)
+                    continue
             for j, i in enumerate(members):
-                self._finish(jobs[i], dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]])
+                job = jobs[i]
+                d = np.full((len(job.searched), k), np.inf, np.float32)
+                v = np.full((len(job.searched), k), -1, np.int32)
+                d[job.searched], v[job.searched] = dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]]
+                self._finish(job, d, v)
         for job in jobs:
-            job._keys, job._base = [], []
+            job._keys, job._base, job._feats = [], [], []
         return errors
 
     @staticmethod
     def _finish(job: Job, dist: np.ndarray, vals: np.ndarray) -> None:
+        feats = _cat(job._feats)
+        if job.calibration is None:
+            job.lambdas = np.full(len(feats), job.lmbda, np.float64)
+        else:
+            job.lambdas = job.calibration.lambdas(dist, feats[:, 0], feats[:, 1], job.searched)
         if job.scores_text:
-            job.base = np.concatenate([np.asarray(b, dtype=np.float64) for _, b in job._base])
+            job.base = _cat(job._base).astype(np.float64)
             targets = np.asarray(job.token_ids[1:], dtype=np.int64)
             job.knn = knn_target_logprobs(dist, vals, targets, job.temperature)
-            job.mixed = interpolate(job.base, job.knn, job.lmbda)
+            job.mixed = interpolate(job.base, job.knn, job.lambdas)
             return
-        base = np.asarray(job._base[0][1], dtype=np.float64)
-        job.base = base
-        job.knn = knn_distribution(dist[0], vals[0], len(base), job.temperature)
-        job.mixed = interpolate(base, job.knn, job.lmbda)
-        n = min(job.top_n, len(base))
+        job.base = np.asarray(job._base[0][1][0], dtype=np.float64)
+        job.knn = knn_distribution(dist[0], vals[0], len(job.base), job.temperature)
+        job.mixed = interpolate(job.base, job.knn, job.lambdas[0])
+        n = min(job.top_n, len(job.base))
         top = np.argpartition(-job.mixed, n - 1)[:n]
         job.top = top[np.argsort(-job.mixed[top], kind="stable")]

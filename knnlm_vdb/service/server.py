@@ -6,6 +6,7 @@ a client can act on, and none takes the server down:
 
   unknown domain                                   NOT_FOUND
   empty text, λ/k/T/top_n out of range, too long   INVALID_ARGUMENT (naming the limit)
+  adaptive λ asked of an uncalibrated domain       FAILED_PRECONDITION
   more requests in flight than --max-concurrent    RESOURCE_EXHAUSTED
   the deadline passed before the batch ran         DEADLINE_EXCEEDED (the job is dropped, not computed)
   a datastore failing (network, server, disk)      UNAVAILABLE
@@ -23,6 +24,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -56,7 +58,11 @@ class Limits:
 
 @dataclass
 class Domain:
-    """A served domain: its store, the domain name its entry ids use, and its default λ/k/T."""
+    """A served domain: its store, the domain name its entry ids use, and its default k/T/λ.
+
+    With a ``calibration`` (adaptive.Calibration, from ``tune``) the default is adaptive λ with
+    the calibration's k and T, and ``lmbda`` is the fixed λ used when a request sets k, T or λ.
+    """
 
     name: str
     store: object
@@ -65,6 +71,7 @@ class Domain:
     k: int
     temperature: float
     lmbda: float
+    calibration: object = None
 
 
 class RequestError(Exception):
@@ -86,6 +93,7 @@ def _rpc(method):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server is at its limit of {self.limits.max_concurrent} concurrent requests "
                           f"(--max-concurrent); retry with backoff")
+        self.in_flight += 1  # under the GIL; a gauge, not an invariant
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -102,6 +110,7 @@ def _rpc(method):
             log.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
         finally:
+            self.in_flight -= 1
             self._slots.release()
             log.debug("%s %s in %.1f ms", method.__name__, code.name, 1e3 * (time.perf_counter() - t0))
         context.abort(code, message)
@@ -120,6 +129,7 @@ class KnnlmService(pb_grpc.KnnlmServicer):
         self.domains = {d.name: d for d in domains}
         self.limits = limits or Limits()
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
+        self.in_flight = 0  # Knnlm requests admitted and not finished
         self.batcher = Batcher(Scorer(encoder), max_batch=max_batch, max_wait_s=max_wait_s)
         self._token_text: dict[int, str] = {}
 
@@ -132,7 +142,18 @@ class KnnlmService(pb_grpc.KnnlmServicer):
                                                           f"{', '.join(self.domains)}")
         return [self.domains[n] for n in names]
 
-    def _settings(self, s: pb.KnnSettings, first: Domain) -> tuple[int, float, float]:
+    def _settings(self, s: pb.KnnSettings, first: Domain) -> tuple[int, float, float | None, object]:
+        """-> (k, T, fixed λ or None, calibration or None), as ``resolve_knn_settings`` decides offline."""
+        fixed = s.HasField("k") or s.HasField("temperature") or s.HasField("lmbda")
+        if s.HasField("adaptive") and s.adaptive:
+            if fixed:
+                raise _invalid("adaptive λ uses the calibration's k and T: leave k, temperature and lmbda unset")
+            if first.calibration is None:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"domain {first.name!r} has no adaptive-λ calibration; run `knnlm-vdb tune` on it")
+            return first.calibration.k, first.calibration.temperature, None, first.calibration
+        if not fixed and first.calibration is not None and not s.HasField("adaptive"):
+            return first.calibration.k, first.calibration.temperature, None, first.calibration
         k = s.k if s.HasField("k") else first.k
         temperature = s.temperature if s.HasField("temperature") else first.temperature
         lmbda = s.lmbda if s.HasField("lmbda") else first.lmbda
@@ -142,7 +163,7 @@ class KnnlmService(pb_grpc.KnnlmServicer):
             raise _invalid(f"temperature must be positive, got {temperature}")
         if not 0.0 <= lmbda <= 1.0:
             raise _invalid(f"lmbda (λ) must be in [0, 1], got {lmbda}")
-        return k, temperature, lmbda
+        return k, temperature, lmbda, None
 
     def _tokens(self, text: str, what: str, minimum: int) -> list[int]:
         if not text.strip():
@@ -169,13 +190,14 @@ class KnnlmService(pb_grpc.KnnlmServicer):
         return s
 
     def _job(self, ids, domains: list[Domain], settings, top_n: int = 0) -> Job:
-        k, temperature, lmbda = self._settings(settings, domains[0])
+        k, temperature, lmbda, calibration = self._settings(settings, domains[0])
         return Job(token_ids=ids, domains=tuple(d.name for d in domains), stores=tuple(d.store for d in domains),
-                   k=k, temperature=temperature, lmbda=lmbda, top_n=top_n)
+                   k=k, temperature=temperature, lmbda=lmbda, top_n=top_n, calibration=calibration)
 
     @staticmethod
     def _used(job: Job) -> pb.KnnSettings:
-        return pb.KnnSettings(k=job.k, temperature=job.temperature, lmbda=job.lmbda)
+        lmbda = job.lmbda if job.calibration is None else float(np.mean(job.lambdas))
+        return pb.KnnSettings(k=job.k, temperature=job.temperature, lmbda=lmbda, adaptive=job.calibration is not None)
 
     # ---- RPCs ---------------------------------------------------------------------------------
     @_rpc
@@ -187,7 +209,9 @@ class KnnlmService(pb_grpc.KnnlmServicer):
             token_ids=ids, tokens=[self._token_str(i) for i in ids],
             base_logprobs=job.base.tolist(), knn_logprobs=job.knn.tolist(), logprobs=job.mixed.tolist(),
             scored_tokens=len(job.base), base_ppl=job.base_ppl, knnlm_ppl=job.knnlm_ppl,
-            settings=self._used(job), domains=job.domains)
+            settings=self._used(job), domains=job.domains,
+            lambdas=job.lambdas.tolist() if job.calibration is not None else [],
+            searched_fraction=float(job.searched.mean()))
 
     @_rpc
     def NextToken(self, request: pb.NextTokenRequest, context) -> pb.NextTokenResponse:
@@ -198,11 +222,10 @@ class KnnlmService(pb_grpc.KnnlmServicer):
         ids = self._tokens(request.context, "context", minimum=1)
         job = self.batcher.submit(self._job(ids, domains, request.settings, top_n=top_n),
                                   timeout=self._timeout(context))
-        with_exp = lambda a, i: float(math.exp(a[i]))  # noqa: E731
+        mixed, base, knn = (np.exp(a[job.top]) for a in (job.mixed, job.base, job.knn))
         return pb.NextTokenResponse(
-            candidates=[pb.TokenProbability(token_id=int(i), token=self._token_str(int(i)), prob=with_exp(job.mixed, i),
-                                            base_prob=with_exp(job.base, i), knn_prob=with_exp(job.knn, i))
-                        for i in job.top],
+            candidates=[pb.TokenProbability(token_id=int(t), token=self._token_str(int(t)), prob=m, base_prob=b,
+                                            knn_prob=n) for t, m, b, n in zip(job.top, mixed, base, knn)],
             settings=self._used(job), domains=job.domains)
 
     @_rpc
@@ -253,9 +276,11 @@ class KnnlmService(pb_grpc.KnnlmServicer):
                 count = d.store.count()
             except Exception as exc:
                 raise DatastoreUnavailable([d.name], exc) from exc
+            cal = d.calibration
+            settings = pb.KnnSettings(k=cal.k, temperature=cal.temperature, adaptive=True) if cal is not None else \
+                pb.KnnSettings(k=d.k, temperature=d.temperature, lmbda=d.lmbda, adaptive=False)
             out.append(pb.DomainInfo(name=d.name, backend=d.backend, count=count, model=d.store.info.model,
-                                     key_type=d.store.info.key_type,
-                                     settings=pb.KnnSettings(k=d.k, temperature=d.temperature, lmbda=d.lmbda)))
+                                     key_type=d.store.info.key_type, settings=settings))
         return pb.ListDomainsResponse(domains=out)
 
     def close(self) -> None:
