@@ -46,8 +46,28 @@ PROFILES = {
     "full": ["-f", str(CHART / "values-gpu.yaml"), "-f", str(CHART / "values-external.yaml"), *INGEST,
              "--set", "serve.tls.secretName=knnlm-tls", "--set", "serve.auth.tokenSecret=knnlm-clients",
              "--set", "model.existingClaim=models", "--set", "settings.model=/models/llama",
-             "--set", "serve.healthPort=50052", "--set-json", 'serve.domains=["wiki","code"]'],
+             "--set", "serve.healthPort=50053", "--set-json", 'serve.domains=["wiki","code"]'],
+    # values-secure.yaml (TLS + tokens, insecure=false), mutual TLS and every limit set; the
+    # large numbers come through --set-json as floats, the way values files give them to templates
+    "secure": ["-f", str(CHART / "values-secure.yaml"), "--set", "serve.tls.clientCASecret=knnlm-client-ca",
+               "--set-json", "serve.limits.maxTextTokens=16384", "--set-json", "serve.limits.maxK=100000",
+               "--set-json", "serve.limits.maxRequestBytes=16777216", "--set", "serve.limits.maxConcurrent=12",
+               "--set-json", "serve.limits.requestTimeout=2.5"],
+    # client tokens over plaintext: no TLS, so the probes stay on serve.port
+    "tokens": ["--set", "serve.auth.tokenSecret=knnlm-clients", "--set", "serve.insecure=false"],
 }
+# (TLS Secret, client CA Secret, token Secret, health port) each profile configures for serve
+SERVE_SECURITY = {
+    "default": (None, None, None, 50051),
+    "gpu": (None, None, None, 50051),
+    "external": (None, None, None, 50051),
+    "full": ("knnlm-tls", None, "knnlm-clients", 50053),
+    "secure": ("knnlm-vdb-tls", "knnlm-client-ca", "knnlm-vdb-tokens", 50052),
+    "tokens": (None, None, "knnlm-clients", 50051),
+}
+# serve options that would carry a secret (or a secret's file) on the command line
+SECRET_FLAGS = ("--token", "--token-file", "--write-token", "--write-token-file", "--milvus-token",
+                "--milvus-token-file")
 
 
 def _missing(what: str):
@@ -159,7 +179,7 @@ def test_helm_is_v3(helm):
 
 # --- lint ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values", [None, "values-gpu.yaml", "values-external.yaml"])
+@pytest.mark.parametrize("values", [None, "values-gpu.yaml", "values-external.yaml", "values-secure.yaml"])
 def test_helm_lint(helm, chart, values):
     args = ["lint", "--strict", str(chart)] + (["-f", str(chart / values)] if values else [])
     p = helm_run(helm, *args)
@@ -235,7 +255,8 @@ def test_chart_defaults_are_the_cli_defaults(helm, chart):
 
 
 def test_settings_render_as_the_cli_parses_them(helm, chart):
-    data = configmap_data(render(helm, chart, "--set", "settings.k=1000000", "--set", "settings.lambda=0.3",
+    data = configmap_data(render(helm, chart, "--set", "settings.k=1000000", "--set", "serve.limits.maxK=1000000",
+                                 "--set", "settings.lambda=0.3",
                                  "--set-json", "settings.temperature=2.5", "--set-json", "settings.nprobe=64.0"))
     assert data["KNNLM_K"] == "1000000"  # not 1e+06
     assert data["KNNLM_NPROBE"] == "64"
@@ -260,6 +281,18 @@ def test_settings_render_as_the_cli_parses_them(helm, chart):
     (["--set", "ingest.shards=0"], "ingest.shards"),
     (["--set", "serve.gpu=-1"], "serve.gpu"),
     (["--set", "image.variant=rocm"], "image.variant"),
+    # serve never renders without TLS, tokens or an explicit insecure
+    (["--set", "serve.insecure=false"], "serve"),
+    (["--set", "serve.insecure=false", "--set", "serve.tls.secretName="], "serve"),
+    (["--set", "serve.insecure=maybe"], "serve.insecure"),
+    (["--set", "serve.auth.tokenSecret=t", "--set", "serve.tls.clientCASecret=ca"], "serve"),  # mTLS needs TLS
+    (["--set", "serve.limits.maxK=0"], "serve.limits.maxK"),
+    (["--set", "serve.limits.maxTextTokens=1"], "serve.limits.maxTextTokens"),
+    (["--set", "serve.limits.maxRequestBytes=100"], "serve.limits.maxRequestBytes"),
+    (["--set", "serve.limits.maxConcurrent=0"], "serve.limits.maxConcurrent"),
+    (["--set", "serve.limits.requestTimeout=0"], "serve.limits.requestTimeout"),
+    (["--set", "serve.limits.maxTokens=5"], "serve.limits"),    # typo: unknown limit
+    (["--set", "serve.healthPort=70000"], "serve.healthPort"),
 ])
 def test_schema_rejects(helm, chart, args, field):
     p = helm_run(helm, "template", RELEASE, str(chart), *args)
@@ -284,6 +317,14 @@ def test_schema_accepts_boundaries(helm, chart, args):
      "ingest.corpus.existingClaim"),
     (["--set", "ingest.schedule=@daily", "--set", "ingest.domain=d", "--set", "ingest.corpus.existingClaim=c"],
      "ingest.corpus.files"),
+    # an --insecure serve only behind a ClusterIP Service
+    (["--set", "serve.service.type=LoadBalancer"], "serve.service.type=LoadBalancer would expose"),
+    (["--set", "serve.service.type=NodePort"], "serve.service.type=NodePort would expose"),
+    # TLS needs a plaintext health port apart from the TLS port, for the kubelet probes
+    (["--set", "serve.tls.secretName=s", "--set", "serve.healthPort=50051"], "plaintext serve.healthPort"),
+    (["--set", "serve.tls.secretName=s", "--set", "serve.port=65535"], "set serve.healthPort"),
+    # serve refuses a default k above --max-k
+    (["--set", "settings.k=5000"], "settings.k=5000 exceeds serve.limits.maxK=4096"),
 ])
 def test_required_values(helm, chart, args, message):
     p = helm_run(helm, "template", RELEASE, str(chart), *args)
@@ -301,7 +342,7 @@ def test_serve_deployment(profile):
     assert c["args"][c["args"].index("--port") + 1] == "50051"
     assert "--max-workers" in c["args"]
     assert {"name": "grpc", "containerPort": 50051, "protocol": "TCP"} in c["ports"]
-    health = 50052 if name == "full" else 50051
+    health = SERVE_SECURITY[name][3]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": health}, probe
     (port,) = svc["spec"]["ports"]
@@ -336,6 +377,207 @@ def test_settings_change_rolls_the_serve_pods(helm, chart):
     assert a["spec"]["template"]["metadata"]["annotations"][key] != b["spec"]["template"]["metadata"]["annotations"][key]
 
 
+def serve_cli():
+    from knnlm_vdb.cli import main
+    return main.get_command(None, "serve")
+
+
+def parse_serve_args(args: list[str], monkeypatch) -> dict:
+    """The rendered serve args as `knnlm-vdb serve` parses them (unknown flags or bad values raise)."""
+    for var in list(os.environ):
+        if var.startswith("KNNLM_"):
+            monkeypatch.delenv(var)
+    assert args[0] == "serve"
+    return serve_cli().make_context("serve", list(args[1:])).params
+
+
+def test_serve_security(profile, monkeypatch):
+    """serve never starts open by accident: --insecure iff neither TLS nor tokens; with TLS the
+    probes target the plaintext health port; the Secrets are mounted, their values nowhere."""
+    name, docs = profile
+    tls, client_ca, tokens, health = SERVE_SECURITY[name]
+    dep, svc = one(docs, "Deployment", "serve"), one(docs, "Service", "serve")
+    spec = pod_spec(dep)
+    (c,) = spec["containers"]
+    args, env = c["args"], env_of(c)
+    params = parse_serve_args(args, monkeypatch)
+    # serve refuses to start without TLS or tokens unless --insecure: exactly one of the two
+    assert params["insecure"] is (tls is None and tokens is None), args
+    assert params["insecure"] or "KNNLM_TLS_DIR" in env or "KNNLM_AUTH_DIR" in env
+    # probes: the plaintext health port, which gets --health-port when it is not the gRPC port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": health}, probe
+    if tls:
+        assert health != params["port"]
+    assert params["health_port"] == (None if health == params["port"] else health)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == ({"grpc": 50051} if health == 50051 else {"grpc": 50051, "health": health})
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["grpc"]  # health is never exposed
+    # Secrets -> read-only mounts -> the directories serve reads
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    for vol, secret, path, var in (("tls", tls, "/etc/knnlm-vdb/tls", "KNNLM_TLS_DIR"),
+                                   ("auth", tokens, "/etc/knnlm-vdb/auth", "KNNLM_AUTH_DIR")):
+        if secret:
+            assert mounts[vol] == {"name": vol, "mountPath": path, "readOnly": True}
+            assert vols[vol]["secret"]["secretName"] == secret
+            assert env[var] == {"name": var, "value": path}
+        else:
+            assert vol not in mounts and vol not in vols and var not in env
+    if client_ca:
+        assert mounts["client-ca"]["readOnly"] is True
+        assert vols["client-ca"]["secret"] == {"secretName": client_ca, "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+        assert params["tls_client_ca"] == mounts["client-ca"]["mountPath"] + "/ca.crt"
+    else:
+        assert "client-ca" not in mounts and params["tls_client_ca"] is None
+    # no secret, nor a secret's file, on the command line
+    assert not any(a.split("=", 1)[0] in SECRET_FLAGS for a in args), args
+    assert params["token_file"] is params["write_token_file"] is params["milvus_token_file"] is None
+    assert not {"KNNLM_SERVE_TOKEN", "KNNLM_SERVE_WRITE_TOKEN"} & set(env)
+
+
+def test_serve_limits(profile, monkeypatch):
+    name, docs = profile
+    (c,) = pod_spec(one(docs, "Deployment", "serve"))["containers"]
+    params = parse_serve_args(c["args"], monkeypatch)
+    for flag in ("--max-text-tokens", "--max-k", "--max-request-bytes", "--request-timeout"):
+        assert flag in c["args"], flag
+    got = {k: params[k] for k in ("max_text_tokens", "max_k", "max_request_bytes", "max_concurrent",
+                                  "request_timeout")}
+    if name == "secure":
+        assert got == {"max_text_tokens": 16384, "max_k": 100000, "max_request_bytes": 16777216,
+                       "max_concurrent": 12, "request_timeout": 2.5}
+        assert "16777216" in c["args"]  # not 1.6777216e+07
+    else:  # the chart's defaults are the CLI's
+        defaults = {p.name: p.default for p in serve_cli().params}
+        assert got == {k: defaults[k] for k in got}
+        assert "--max-concurrent" not in c["args"]
+
+
+def test_chart_limits_are_the_cli_defaults():
+    limits = yaml.safe_load((CHART / "values.yaml").read_text())["serve"]["limits"]
+    defaults = {p.name: p.default for p in serve_cli().params}
+    names = {"maxTextTokens": "max_text_tokens", "maxK": "max_k", "maxRequestBytes": "max_request_bytes",
+             "maxConcurrent": "max_concurrent", "requestTimeout": "request_timeout"}
+    assert set(limits) == set(names)
+    assert {names[k]: v for k, v in limits.items()} == {v: defaults[v] for v in names.values()}
+
+
+def test_secure_profile_refuses_to_fall_back_to_insecure(helm, chart):
+    """values-secure.yaml with its Secrets unset: a render error, not an open server."""
+    p = helm_run(helm, "template", RELEASE, str(chart), "-f", str(chart / "values-secure.yaml"),
+                 "--set", "serve.tls.secretName=", "--set", "serve.auth.tokenSecret=")
+    assert p.returncode != 0 and "serve" in p.stderr, p.stderr
+
+
+def test_tls_health_port_defaults_next_to_the_grpc_port(helm, chart, monkeypatch):
+    (c,) = pod_spec(one(render(helm, chart, "--set", "serve.tls.secretName=s", "--set", "serve.port=6000"),
+                        "Deployment"))["containers"]
+    params = parse_serve_args(c["args"], monkeypatch)
+    assert (params["port"], params["health_port"], params["insecure"]) == (6000, 6001, False)
+    assert c["livenessProbe"]["grpc"] == {"port": 6001}
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _secret_files(tmp: Path) -> dict[str, dict[str, bytes]]:
+    """What the chart's Secrets would hold: a server certificate from a throwaway CA, the CA, tokens."""
+    pytest.importorskip("cryptography")
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(cn, key, issuer=None, issuer_key=None, ca=False):
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(f"{RELEASE}-knnlm-vdb.{NAMESPACE}.svc")]),
+                                critical=False)
+        return b.sign(issuer_key or key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("test CA", ca_key, ca=True)
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return {"tls": {"tls.crt": pem(cert("server", key, ca.subject, ca_key)), "tls.key": key_pem,
+                    "ca.crt": pem(ca)},
+            "client-ca": {"ca.crt": pem(ca)},
+            "auth": {"token": b"read-token-0123\nread-token-4567\n", "write-token": b"write-token-89ab\n"}}
+
+
+@pytest.mark.parametrize("profile_name", ["default", "tokens", "secure"])
+def test_rendered_serve_starts_and_answers_its_probes(helm, chart, tmp_path, monkeypatch, profile_name):
+    """The rendered serve pod, run for real minus the model: its Secrets materialised where the pod
+    mounts them, its args through serve's own option parsing and security check (which refuses an
+    open server), the server listening as those args say; then the kubelet's probe port and the
+    image's HEALTHCHECK answer SERVING in plaintext, and a TLS port refuses plaintext."""
+    import knnlm_vdb.cli  # noqa: F401  (first: knnlm_vdb.service.commands alone is a circular import)
+    from knnlm_vdb.service import commands, knnlm_pb2_grpc
+    from knnlm_vdb.service.server import KnnlmServer, Limits, Listen
+
+    tls, _, tokens, _ = SERVE_SECURITY[profile_name]
+    port = _free_port()
+    ports = ["--set", f"serve.port={port}"] + (["--set", f"serve.healthPort={_free_port()}"] if tls else [])
+    spec = pod_spec(one(render(helm, chart, *PROFILES[profile_name], *ports), "Deployment"))
+    (c,) = spec["containers"]
+    # the pod's filesystem under tmp_path: each Secret volume's keys (or its items) at its mountPath
+    files = _secret_files(tmp_path)
+    vols = {v["name"]: v for v in spec["volumes"]}
+    root = lambda path: str(tmp_path / path.lstrip("/"))
+    for m in c["volumeMounts"]:
+        secret = vols[m["name"]].get("secret")
+        if secret:
+            d = Path(root(m["mountPath"]))
+            d.mkdir(parents=True)
+            items = secret.get("items") or [{"key": k, "path": k} for k in files[m["name"]]]
+            for item in items:
+                (d / item["path"]).write_bytes(files[m["name"]][item["key"]])
+    env = {k: root(e["value"]) for k, e in env_of(c).items() if k in ("KNNLM_TLS_DIR", "KNNLM_AUTH_DIR")}
+    params = parse_serve_args(c["args"], monkeypatch)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ca_path = params["tls_client_ca"] and root(params["tls_client_ca"])
+    sec = (params["tls_cert"], params["tls_key"], ca_path, params["token_file"], params["write_token_file"])
+
+    creds, interceptors = commands._security(*sec, params["insecure"])
+    assert (creds is not None) is bool(tls) and bool(interceptors) is bool(tokens)
+    if params["insecure"]:  # without the flag, serve would refuse to start
+        with pytest.raises(Exception, match="refusing to serve"):
+            commands._security(*sec, False)
+
+    class NoModel(knnlm_pb2_grpc.KnnlmServicer):
+        limits = Limits()
+
+        def close(self):
+            pass
+
+    server = KnnlmServer(NoModel(), Listen("127.0.0.1", params["port"], creds, params["health_port"],
+                                           interceptors)).start()
+    try:
+        hc = _healthcheck_module()
+        kubelet = c["livenessProbe"]["grpc"]["port"]
+        assert hc.check(kubelet, timeout=5) == 0  # what the kubelet does: plaintext grpc.health.v1
+        assert hc.probe(["/usr/bin/tini", "--", "knnlm-vdb", *c["args"]], env) == (kubelet, "grpc")
+        if tls:
+            assert kubelet != port and hc.check(port, timeout=2) == 1  # the gRPC port speaks only TLS
+    finally:
+        server.stop(0)
+
+
 # --- Milvus: bundled or external; the token never on a command line ------------------------------
 
 def test_milvus_uri_and_token(profile):
@@ -351,7 +593,13 @@ def test_milvus_uri_and_token(profile):
             assert token["valueFrom"]["secretKeyRef"] == {"name": "knnlm-milvus-token", "key": "token"}, c["name"]
         else:
             assert token is None
-        assert not any("token" in a.lower() for a in c.get("args", []) + c.get("command", [])), c["args"]
+        argv = c.get("args", []) + c.get("command", [])
+        assert not any(a.split("=", 1)[0] in SECRET_FLAGS for a in argv), argv
+        assert not any("bearer" in a.lower() or "password" in a.lower() for a in argv), argv
+        # a token-bearing variable only ever comes from a Secret, never as a literal value
+        for var, e in env_of(c).items():
+            if "TOKEN" in var and not var.endswith("_FILE"):
+                assert "value" not in e and "secretKeyRef" in e["valueFrom"], (c["name"], var)
 
 
 def test_pods_wait_for_milvus(profile):
@@ -420,7 +668,7 @@ def test_ingest_job_name_follows_its_spec(helm, chart):
 
 # --- NOTES.txt -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("profile_name", ["default", "full"])
+@pytest.mark.parametrize("profile_name", ["default", "full", "secure", "tokens"])
 def test_notes_render(helm, chart, tmp_path, profile_name):
     """helm template skips NOTES.txt; render it through a throwaway template in a copy."""
     dst = tmp_path / "c"
@@ -433,6 +681,13 @@ def test_notes_render(helm, chart, tmp_path, profile_name):
     text = doc["data"]["notes"]
     assert f"port-forward service/{RELEASE}-knnlm-vdb 50051:50051" in text
     assert "grpc.health.v1.Health/Check" in text
+    tls, client_ca, tokens, _ = SERVE_SECURITY[profile_name]
+    assert ("WARNING" in text and "--insecure" in text) is (tls is None and tokens is None)
+    assert ("grpcurl -plaintext" in text) is (tls is None)
+    if tls:
+        assert "-cacert ca.crt" in text and f"-servername {RELEASE}-knnlm-vdb.{NAMESPACE}.svc" in text
+        assert ("-cert client.crt -key client.key" in text) is bool(client_ca)
+    assert ('-H "authorization: Bearer $TOKEN"' in text) is bool(tokens)
 
 
 # --- Docker image --------------------------------------------------------------------------------
@@ -478,6 +733,29 @@ def test_healthcheck_only_probes_serve():
     assert hc.serve_port(["tini", "--", "knnlm-vdb", "serve", "--port=7000"]) == 7000
     assert hc.serve_port(["tini", "--", "knnlm-vdb", "serve"]) == 50051
     assert hc.serve_port(["tini", "--", "knnlm-vdb", "append", "--domain", "wiki"]) is None
+    assert hc.probe(["tini", "--", "knnlm-vdb", "append", "--domain", "wiki"], {}) is None
+
+
+def test_healthcheck_probes_the_health_port_with_tls(tmp_path):
+    hc = _healthcheck_module()
+    serve = ["tini", "--", "knnlm-vdb", "serve"]
+    # plaintext, with or without tokens (health needs none): the gRPC port
+    assert hc.probe(serve, {}) == (50051, "grpc")
+    assert hc.probe(serve + ["--port", "6000"], {"KNNLM_SERVE_TOKEN": "t"}) == (6000, "grpc")
+    assert hc.probe(serve, {"KNNLM_PORT": "7000"}) == (7000, "grpc")
+    assert hc.probe(serve + ["--port", "6000"], {"KNNLM_PORT": "7000"}) == (6000, "grpc")  # argv wins
+    # TLS (any of serve's sources) with a health port: plaintext gRPC health there
+    (tmp_path / "tls.crt").write_text("cert")
+    for argv, env in ((serve + ["--tls-cert", "c", "--tls-key", "k", "--health-port", "50052"], {}),
+                      (serve + ["--health-port=50052"], {"KNNLM_TLS_CERT": "c"}),
+                      (serve, {"KNNLM_TLS_DIR": str(tmp_path), "KNNLM_HEALTH_PORT": "50052"})):
+        assert hc.uses_tls(argv, env), (argv, env)
+        assert hc.probe(argv, env) == (50052, "grpc"), (argv, env)
+    # TLS without a separate health port: a plaintext gRPC call cannot succeed, only TCP is checked
+    assert hc.probe(serve, {"KNNLM_TLS_DIR": str(tmp_path)}) == (50051, "tcp")
+    assert hc.probe(serve + ["--tls-cert", "c", "--health-port", "50051"], {}) == (50051, "tcp")
+    assert hc.probe(serve + ["--tls-cert", "c", "--health-port", "0"], {}) == (50051, "tcp")  # 0: unknown
+    assert not hc.uses_tls(serve, {"KNNLM_TLS_DIR": str(tmp_path / "missing")})
 
 
 def test_healthcheck_against_a_grpc_health_service():
@@ -497,6 +775,8 @@ def test_healthcheck_against_a_grpc_health_service():
         assert hc.check(port) == 1
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         assert hc.check(port) == 0
+        assert hc.check_tcp(port) == 0
     finally:
         server.stop(None)
     assert hc.check(port, timeout=1) == 1
+    assert hc.check_tcp(port, timeout=1) == 1

@@ -289,3 +289,51 @@ template:
     readOnly: true
 {{- end }}
 {{- end }}
+
+{{/*
+serve's security, decided once for the Deployment and NOTES.txt. "true" when serve runs with
+--insecure: neither TLS (serve.tls.secretName) nor client tokens (serve.auth.tokenSecret), and
+serve.insecure. Fails the render when serve would refuse to start (neither, and not
+serve.insecure) or would be open beyond the cluster (an --insecure serve behind a NodePort or
+LoadBalancer Service).
+*/}}
+{{- define "knnlm-vdb.serveInsecure" -}}
+{{- $s := .Values.serve }}
+{{- if not (or $s.tls.secretName $s.auth.tokenSecret) }}
+{{- if not $s.insecure }}
+{{- fail "serve needs TLS (serve.tls.secretName) and/or client tokens (serve.auth.tokenSecret); set serve.insecure=true to serve plaintext without authentication on a trusted network" }}
+{{- end }}
+{{- if ne $s.service.type "ClusterIP" }}
+{{- fail (printf "serve.service.type=%s would expose an unauthenticated plaintext serve outside the cluster: set serve.tls.secretName and/or serve.auth.tokenSecret (serve.insecure is for ClusterIP only)" $s.service.type) }}
+{{- end }}
+{{- if and $s.tls.clientCASecret (not $s.tls.secretName) }}
+{{- fail "serve.tls.clientCASecret (mutual TLS) needs serve.tls.secretName" }}
+{{- end }}
+true
+{{- else if and $s.tls.clientCASecret (not $s.tls.secretName) }}
+{{- fail "serve.tls.clientCASecret (mutual TLS) needs serve.tls.secretName" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The port the kubelet probes: serve.healthPort when set, else serve.port + 1 with TLS (probes
+cannot speak TLS), else serve.port (plaintext, and health needs no token). When it differs from
+serve.port, serve gets --health-port and answers health there in plaintext.
+*/}}
+{{- define "knnlm-vdb.healthPort" -}}
+{{- $s := .Values.serve }}
+{{- $port := $s.port | int }}
+{{- $hp := $port }}
+{{- if $s.healthPort }}
+{{- $hp = $s.healthPort | int }}
+{{- else if $s.tls.secretName }}
+{{- $hp = add1 $port }}
+{{- end }}
+{{- if and $s.tls.secretName (eq $hp $port) }}
+{{- fail "with TLS (serve.tls.secretName) the kubelet probes need a plaintext serve.healthPort other than serve.port" }}
+{{- end }}
+{{- if gt $hp 65535 }}
+{{- fail (printf "serve.healthPort: serve.port + 1 = %d is not a port; set serve.healthPort" $hp) }}
+{{- end }}
+{{- $hp }}
+{{- end }}
