@@ -37,7 +37,8 @@ def run_demo(workdir: Path, backend: str = "milvus", model: str = "smollm2-135m"
         location = workdir / "knnlm-demo.db"
         from knnlm_vdb.datastore.milvus_store import drop_domain
 
-        drop_domain(str(location), "demo")
+        if location.exists():  # start from scratch: the demo's numbers are for this sample alone
+            drop_domain(str(location), "demo")
         store = create_store("milvus", str(location), info, domain="demo", index_type="FLAT")
     train = sample_file("demo_train.jsonl")
     ingest(encoder, store, read_documents(train), domain="demo", show_progress=show_progress)

@@ -30,8 +30,21 @@ URIs: a local path ending in ``.db`` is Milvus Lite; ``http(s)://host:port`` is 
 whose token comes from the ``token=`` option (the CLI reads ``KNNLM_MILVUS_TOKEN``) and is
 never logged. Connecting gives up after ``timeout`` seconds (default 10).
 
+Schema versions, creation races, reindexing (``schema.py``): every open and create first reads the
+database's schema record (collection ``knnlm__schema``) and refuses a database newer than this
+code. ``open_or_create`` (what ``append`` uses) is race-safe: parallel shard workers on a new
+domain end up sharing the one collection that the winner created (see ``create``). New
+collections get the newest schema, including the scalar index on ``doc_id`` (schema 2).
+
 Behaviour observed with pymilvus 3.0.2, Milvus Lite 3.2.2 and a Milvus 2.3.5 standalone
-server: both support aliases, collection properties and ``count(*)``; Lite 3.2.2 also
+server: Milvus Lite locks its database directory for the life of the process that opened it
+(pymilvus keeps the embedded server running after ``close()``), so one process at a time uses a
+Lite file, and it forgets which collections were loaded when that process exits. Lite reads
+index build parameters only from a JSON ``params`` pair, which pymilvus 3 does not send (so
+both forms are sent). Scalar indexes: Lite builds only INVERTED, a 2.3 server only Trie for
+VARCHAR. pymilvus 3.0.2 sends ``describe_alias``/``list_aliases`` without the database of the
+URI, so a server answers them for ``default``; aliases are resolved with describe_collection.
+Both support aliases, collection properties and ``count(*)``; Lite 3.2.2 also
 builds IVF_SQ8 and HNSW_SQ, but we only allow FLAT/IVF_FLAT/HNSW there, which every Lite
 release supports. The server reports 0 rows in collection statistics until a flush, so
 ``count()`` uses ``count(*)``. Lite searches brute force (FLAT segments and unflushed rows)
@@ -44,6 +57,8 @@ import json
 import logging
 import os
 import re
+import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlparse, urlunparse
@@ -73,6 +88,16 @@ LITE_SCRATCH_BYTES = 512 << 20
 LITE_MEMTABLE_BYTES = 128 << 20
 LITE_SEGMENT_ROWS = 100_000
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# Database-wide schema record (schema.py). "knnlm_" + a domain never contains "__" right after the
+# prefix, so no domain's alias can collide with it.
+SCHEMA_COLLECTION = "knnlm__schema"
+SCHEMA_PROPERTY = "knnlm.schema"
+CREATE_TOKEN_PROPERTY = "knnlm.create_token"  # which of several racing creators made a collection
+RETIRED_PROPERTY = "knnlm.retired"  # set on a generation a reindex replaced but kept (--keep-old)
+ALIAS_WAIT_S = 15.0  # how long a creator that lost a race waits for the winner's alias
+# Scalar index on doc_id (schema version 2), by preference. Milvus Lite 3.2 builds only INVERTED;
+# a 2.3 server only Trie for VARCHAR (INVERTED arrived in 2.4, which still builds Trie).
+DOC_ID_INDEX_TYPES = {"lite": ("INVERTED",), "server": ("Trie", "INVERTED")}
 
 CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")
 LITE_INDEXES = ("FLAT", "IVF_FLAT", "HNSW")
@@ -275,13 +300,141 @@ def _connect(uri: str, token: str | None = None, timeout: float | None = None, d
             raise KnnlmError(f"no Milvus Lite database at {uri}; build one first (or check --uri)")
         os.makedirs(parent, exist_ok=True)
     try:
-        client = MilvusClient(uri=uri, token=token or "", db_name=db_name or "", timeout=timeout)
+        # Milvus Lite starts its embedded server on the first connection to a file; two threads doing
+        # that at once both try to lock the file and one fails, so Lite connections are made one at a time
+        with _LITE_CONNECT_LOCK if deployment == "lite" else _nothing():
+            client = MilvusClient(uri=uri, token=token or "", db_name=db_name or "", timeout=timeout)
     except MilvusException as exc:
+        if deployment == "lite" and _lite_locked(uri):
+            raise KnnlmError(f"the Milvus Lite database {uri} is open in another process; Milvus Lite allows one "
+                             f"process per database file (use a Milvus server for concurrent readers and "
+                             f"writers)") from None
         raise KnnlmError(f"cannot connect to Milvus at {shown} within {timeout:g}s: {exc.message}") from None
     except Exception as exc:  # grpc/URI errors that pymilvus does not wrap
         raise KnnlmError(f"cannot connect to Milvus at {shown}: {exc}") from None
     log.debug("connected to Milvus at %s", shown)
     return client
+
+
+_LITE_CONNECT_LOCK = threading.Lock()
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: list[int] = []
+
+
+def _lite_locked(uri: str) -> bool:
+    """Whether another process holds Milvus Lite's lock on the database directory ``uri``."""
+    lock = os.path.join(uri, "LOCK")  # milvus_lite.db.LOCK_FILENAME
+    if os.name != "posix" or not os.path.isfile(lock):
+        return False
+    import fcntl
+
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def quiet_pymilvus():
+    """Silence pymilvus' own ERROR logs (with tracebacks) around calls whose failure we expect and handle,
+    and Milvus Lite's in-process gRPC server, which logs every method it lacks (query iterators ask
+    it for a timestamp), and Lite's own servicer, which logs failed requests with a traceback."""
+    global _quiet_depth, _quiet_saved
+    loggers = [logging.getLogger(name) for name in ("pymilvus", "grpc._server", "milvus_lite")]
+    with _QUIET_LOCK:  # threads may nest these windows: the first in saves the levels, the last out restores them
+        if _quiet_depth == 0:
+            _quiet_saved = [lg.level for lg in loggers]
+            for lg in loggers:
+                lg.setLevel(logging.CRITICAL)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for lg, level in zip(loggers, _quiet_saved):
+                    lg.setLevel(level)
+
+
+def ensure_loaded(client, name: str) -> None:
+    """Load a collection that is not in memory. Milvus Lite forgets what was loaded when the
+    process that opened the file exits; a server keeps collections loaded."""
+    state = client.get_load_state(name)["state"]
+    if getattr(state, "name", str(state)) != "Loaded":
+        log.info("loading Milvus collection %s into memory", name)
+        client.load_collection(name)
+
+
+def read_schema_state(client) -> dict | None:
+    """The database's schema record (``schema.py``): ``{version, history}``, or None if it has none."""
+    if not client.has_collection(SCHEMA_COLLECTION):
+        return None
+    raw = (client.describe_collection(SCHEMA_COLLECTION).get("properties") or {}).get(SCHEMA_PROPERTY)
+    if not raw:
+        return {"version": 0, "history": []}
+    try:
+        state = json.loads(raw)
+        int(state["version"])
+    except (ValueError, KeyError, TypeError):
+        raise KnnlmError(f"corrupt schema record in Milvus collection {SCHEMA_COLLECTION}") from None
+    return state
+
+
+def check_schema_version(client, uri: str) -> int:
+    """The recorded schema version (0: none); refuse a database migrated by a newer knnlm-vdb."""
+    from knnlm_vdb.schema import latest_version
+
+    state = read_schema_state(client)
+    version = int(state["version"]) if state else 0
+    if version > latest_version():
+        raise KnnlmError(f"the Milvus database at {redact_uri(uri)} has schema version {version}, newer than the "
+                         f"newest this knnlm-vdb knows ({latest_version()}); upgrade knnlm-vdb to use it")
+    return version
+
+
+def doc_id_index(client, name: str) -> str | None:
+    """Type of the scalar index on ``doc_id`` of collection ``name`` ("" when the server chose), or None."""
+    for index_name in client.list_indexes(name):
+        desc = client.describe_index(name, index_name)
+        if desc.get("field_name") == "doc_id":
+            return desc.get("index_type", "")
+    return None
+
+
+def ensure_doc_id_index(client, name: str, deployment: str, strict: bool = True) -> str | None:
+    """Build a scalar index on ``doc_id`` unless there is one; return its type.
+
+    Tries the types this deployment may support in order. ``strict=False`` logs a warning and
+    returns None where none works (an optimisation must not block creating a domain).
+    """
+    have = doc_id_index(client, name)
+    if have is not None:
+        return have
+    errors = []
+    for index_type in DOC_ID_INDEX_TYPES["lite" if deployment == "lite" else "server"]:
+        params = client.prepare_index_params()
+        params.add_index(field_name="doc_id", index_type=index_type)
+        try:
+            with quiet_pymilvus():
+                client.create_index(name, params)
+            return index_type
+        except Exception as exc:
+            errors.append(f"{index_type}: {getattr(exc, 'message', exc)}")
+            if doc_id_index(client, name) is not None:  # another process built it meanwhile
+                return doc_id_index(client, name)
+    message = f"cannot build a scalar index on {name}.doc_id ({'; '.join(errors)})"
+    if strict:
+        raise KnnlmError(message)
+    log.warning("%s; continuing without it", message)
+    return None
 
 
 @contextmanager
@@ -305,6 +458,39 @@ def _supports_aliases(client) -> bool:
     except MilvusException as exc:
         log.info("Milvus at this URI has no aliases (%s); using collections directly", exc.message)
         return False
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _appears(check, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Whether ``check()`` becomes true within ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def _create_token(client, name: str) -> str | None:
+    return (client.describe_collection(name).get("properties") or {}).get(CREATE_TOKEN_PROPERTY)
+
+
+def _alias_target(client, alias: str) -> str | None:
+    """The collection ``alias`` points at, or None where there is no such alias.
+
+    Asks describe_collection, not describe_alias/list_aliases: pymilvus 3.0.2 sends those two with
+    an empty database name, so a 2.3 server answers them for the default database whatever the URI.
+    """
+    if not client.has_collection(alias):
+        return None
+    target = client.describe_collection(alias).get("collection_name")
+    return target if target != alias else None
 
 
 def _read_meta(client, name: str) -> tuple[dict, dict]:
@@ -335,6 +521,10 @@ def _domain_collections(client) -> dict[str, list[str]]:
     return found
 
 
+class NoSuchDomain(KnnlmError):
+    """The domain does not exist at that URI."""
+
+
 def list_domains(uri: str, token: str | None = None, timeout: float | None = None,
                  db_name: str | None = None) -> list[str]:
     """Domains stored at ``uri`` (sorted), for ``knnlm-vdb domains list``."""
@@ -353,10 +543,11 @@ def drop_domain(uri: str, domain: str, token: str | None = None, timeout: float 
     client = _connect(uri, token, timeout, db_name)
     try:
         with _rpc(f"drop domain {domain}", uri):
+            check_schema_version(client, uri)
             names = _domain_collections(client).get(domain, [])
             if not names:
-                raise KnnlmError(f"no domain {domain!r} at {redact_uri(uri)}")
-            if _supports_aliases(client) and alias_name(domain) in client.list_aliases().get("aliases", []):
+                raise NoSuchDomain(f"no domain {domain!r} at {redact_uri(uri)}")
+            if _supports_aliases(client) and _alias_target(client, alias_name(domain)) is not None:
                 client.drop_alias(alias_name(domain))
             if client.has_collection(ledger_name(domain)):
                 names.append(ledger_name(domain))
@@ -402,7 +593,7 @@ class MilvusDatastore(Datastore):
 
     # ---- creation / opening -------------------------------------------------------------------
     @classmethod
-    def create(cls, uri: str, domain: str, info: StoreInfo, **options) -> "MilvusDatastore":
+    def create(cls, uri: str, domain: str, info: StoreInfo, exist_ok: bool = False, **options) -> "MilvusDatastore":
         """Create the collection (and alias) for a new domain.
 
         Options: ``index_type`` (FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW, GPU_*; default FLAT),
@@ -411,6 +602,12 @@ class MilvusDatastore(Datastore):
         now rather than at the first search), and connection options ``token``, ``timeout``
         (seconds to connect, default 10), ``db_name``. Everything is validated before the
         server is contacted.
+
+        ``exist_ok``: a domain that exists, or that another process creates at the same moment,
+        is opened instead (its own index settings win). Creation is race-safe: each creator tags
+        the collection it asks for with a random token, and only the one whose token is on it
+        owns it (a 2.3 server answers a duplicate create with identical parameters with success);
+        a loser waits for the winner's alias and opens the domain, never dropping anything.
         """
         conn, idx = _split_options(options)
         check_domain(domain)
@@ -418,26 +615,54 @@ class MilvusDatastore(Datastore):
         deployment = deployment_of(uri)
         index = validate_index(idx.get("index_type", "FLAT"), idx.get("index_params"), idx.get("search_params"),
                                k=idx.get("k"), deployment=deployment, dim=info.dim)
+        reopen = {k: v for k, v in options.items() if k in _CONN_OPTIONS or k in ("consistency", "k")}
         client = _connect(uri, must_exist=False, **conn)
         try:
             with _rpc(f"create domain {domain}", uri):
+                check_schema_version(client, uri)
                 alias = alias_name(domain)
                 if client.has_collection(alias):
+                    if exist_ok:
+                        return cls._open_instead(client, uri, domain, reopen)
                     raise KnnlmError(f"domain {domain!r} already exists at {redact_uri(uri)}; append to it, "
                                      f"or drop it first (knnlm-vdb domains drop)")
                 aliases = _supports_aliases(client)
                 physical = collection_name(domain) if aliases else alias
                 if aliases and client.has_collection(physical):
+                    if exist_ok:  # another creator between its two steps, or an interrupted create: adopt it
+                        return cls._adopt(client, uri, domain, physical, reopen)
                     raise KnnlmError(f"collection {physical} exists without its alias {alias} (an interrupted "
                                      f"create?); remove it with `knnlm-vdb domains drop {domain}`")
                 meta = {"format_version": FORMAT_VERSION, "domain": domain, "info": info.to_dict(),
                         "index": index.to_dict()}
+                token = uuid.uuid4().hex
                 try:
-                    cls._create_collection(client, physical, info.dim, index, consistency, meta)
+                    try:
+                        with quiet_pymilvus() if exist_ok else _nothing():
+                            cls._create_collection(client, physical, info.dim, index, consistency, meta,
+                                                   deployment=deployment, create_token=token)
+                    except Exception:
+                        # Milvus Lite fails a concurrent create before the winner's collection is listed
+                        if exist_ok and _appears(lambda: client.has_collection(physical), 5.0) and \
+                                _create_token(client, physical) != token:
+                            lost = True  # someone else's collection: the race was lost
+                        else:
+                            raise
+                    else:
+                        lost = _create_token(client, physical) != token
+                    if lost:
+                        log.info("domain %s was created concurrently by another process; opening it", domain)
+                        return cls._adopt(client, uri, domain, physical, reopen)
                     if aliases:
-                        client.create_alias(physical, alias)
+                        try:
+                            with quiet_pymilvus():
+                                client.create_alias(physical, alias)
+                        except Exception:
+                            if not _alias_target(client, alias) == physical:  # an adopter may have made it
+                                raise
                 except BaseException:  # e.g. the server has no such index: leave nothing half-made behind
-                    if client.has_collection(physical):
+                    if (client.has_collection(physical) and _create_token(client, physical) == token
+                            and _alias_target(client, alias) != physical):
                         client.drop_collection(physical)
                     raise
             log.info("created Milvus domain %s (collection %s, %s) at %s", domain, physical, index.index_type,
@@ -447,8 +672,55 @@ class MilvusDatastore(Datastore):
             client.close()
             raise
 
+    @classmethod
+    def open_or_create(cls, uri: str, domain: str, info: StoreInfo, **options) -> "MilvusDatastore":
+        """Open ``domain``, creating it with ``options`` if it does not exist (race-safe, see ``create``).
+
+        For an existing domain only the connection options, ``consistency`` and ``k`` apply; its
+        stored index stays as it is.
+        """
+        reopen = {k: v for k, v in options.items() if k in _CONN_OPTIONS or k in ("consistency", "k")}
+        if deployment_of(uri) == "server" or os.path.exists(uri):
+            try:
+                return cls.open(uri, domain, **reopen)
+            except NoSuchDomain:
+                pass
+        return cls.create(uri, domain, info, exist_ok=True, **options)
+
+    @classmethod
+    def _open_instead(cls, client, uri: str, domain: str, reopen: dict) -> "MilvusDatastore":
+        client.close()
+        return cls.open(uri, domain, **reopen)
+
+    @classmethod
+    def _adopt(cls, client, uri: str, domain: str, physical: str, reopen: dict) -> "MilvusDatastore":
+        """Open a domain whose collection exists: wait for its alias, and make it if none comes."""
+        import time
+
+        alias = alias_name(domain)
+        deadline = time.monotonic() + ALIAS_WAIT_S
+        while time.monotonic() < deadline:
+            if client.has_collection(alias):
+                return cls._open_instead(client, uri, domain, reopen)
+            time.sleep(0.2)
+        _, meta = _read_meta(client, physical)
+        if meta.get("domain") != domain:
+            raise KnnlmError(f"collection {physical} exists but does not hold domain {domain!r}; "
+                             f"remove it, or use another domain name")
+        log.warning("collection %s had no alias %s after %.0fs (an interrupted create); adding it",
+                    physical, alias, ALIAS_WAIT_S)
+        try:
+            with quiet_pymilvus():
+                client.create_alias(physical, alias)
+        except Exception:
+            if _alias_target(client, alias) is None:
+                raise
+        return cls._open_instead(client, uri, domain, reopen)
+
     @staticmethod
-    def _create_collection(client, name: str, dim: int, index: IndexConfig, consistency: str, meta: dict) -> None:
+    def _create_collection(client, name: str, dim: int, index: IndexConfig, consistency: str, meta: dict,
+                           deployment: str = "server", create_token: str | None = None) -> None:
+        """A collection of the newest schema: the fields, the vector index and the ``doc_id`` index."""
         from pymilvus import DataType, MilvusClient
 
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -457,11 +729,20 @@ class MilvusDatastore(Datastore):
         schema.add_field("target", DataType.INT32)
         schema.add_field("doc_id", DataType.VARCHAR, max_length=DOC_ID_MAX_BYTES)
         schema.add_field("position", DataType.INT64)
+        build = dict(index.build_params)
+        if deployment == "lite" and build:
+            # pymilvus 3 sends build parameters as flat key-value pairs, which Milvus Lite 3.2 ignores
+            # (it reads only a JSON "params" pair, and would use nlist=128, M=16, ...): send both forms
+            build["params"] = dict(index.build_params)
         index_params = client.prepare_index_params()
-        index_params.add_index(field_name="key", index_type=index.index_type, metric_type="L2",
-                               params=dict(index.build_params))
-        client.create_collection(name, schema=schema, index_params=index_params, consistency_level=consistency,
-                                 properties={META_PROPERTY: json.dumps(meta, sort_keys=True)})
+        index_params.add_index(field_name="key", index_type=index.index_type, metric_type="L2", params=build)
+        properties = {META_PROPERTY: json.dumps(meta, sort_keys=True)}
+        if create_token:
+            properties[CREATE_TOKEN_PROPERTY] = create_token
+        with quiet_pymilvus():  # failures still raise; Lite logs a traceback for each method it lacks
+            client.create_collection(name, schema=schema, index_params=index_params, consistency_level=consistency,
+                                     properties=properties)
+        ensure_doc_id_index(client, name, deployment, strict=False)
 
     @classmethod
     def open(cls, uri: str, domain: str = "default", **options) -> "MilvusDatastore":
@@ -473,10 +754,11 @@ class MilvusDatastore(Datastore):
         client = _connect(uri, **conn)
         try:
             with _rpc(f"open domain {domain}", uri):
+                check_schema_version(client, uri)
                 name = alias_name(domain)
                 if not client.has_collection(name):
                     known = sorted(_domain_collections(client))
-                    raise KnnlmError(f"no domain {domain!r} at {redact_uri(uri)} (domains there: "
+                    raise NoSuchDomain(f"no domain {domain!r} at {redact_uri(uri)} (domains there: "
                                      f"{', '.join(known) or 'none'}); build it first")
                 desc, meta = _read_meta(client, name)
                 if not meta:
@@ -712,15 +994,18 @@ class MilvusLedger(Ledger):
         self.domain = domain
         self._docs: dict[str, DocRecord] | None = None
         self._row_ids: dict[str, set[int]] = {}  # every ledger row of a document, whatever its hash
+        self._ready = False  # the ledger collection exists and is loaded
 
     def documents(self) -> dict[str, DocRecord]:
         if self._docs is not None:
             return self._docs
         groups: dict[str, dict[tuple[str, int], set[int]]] = {}
         with _rpc(f"read ledger {self.name}", self.uri):
-            rows = (self.client.query(self.name, filter="chunk >= 0", output_fields=self._FIELDS,
-                                      consistency_level="Strong")
-                    if self.client.has_collection(self.name) else [])
+            rows = []
+            if self.client.has_collection(self.name):
+                ensure_loaded(self.client, self.name)
+                rows = self.client.query(self.name, filter="chunk >= 0", output_fields=self._FIELDS,
+                                         consistency_level="Strong")
         for r in rows:
             groups.setdefault(r["doc_id"], {}).setdefault((r["content_hash"], int(r["n_tokens"])), set()).add(
                 int(r["chunk"]))
@@ -734,7 +1019,11 @@ class MilvusLedger(Ledger):
     def _ensure_collection(self) -> None:
         from pymilvus import DataType, MilvusClient
 
+        if self._ready:
+            return
         if self.client.has_collection(self.name):
+            ensure_loaded(self.client, self.name)
+            self._ready = True
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
@@ -745,8 +1034,15 @@ class MilvusLedger(Ledger):
         schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)
         index_params = self.client.prepare_index_params()
         index_params.add_index(field_name="v", index_type="FLAT", metric_type="L2")
-        self.client.create_collection(self.name, schema=schema, index_params=index_params,
-                                      consistency_level="Strong", properties={"knnlm.ledger_of": self.domain})
+        try:
+            with quiet_pymilvus():
+                self.client.create_collection(self.name, schema=schema, index_params=index_params,
+                                              consistency_level="Strong", properties={"knnlm.ledger_of": self.domain})
+        except Exception:
+            if not self.client.has_collection(self.name):
+                raise
+            ensure_loaded(self.client, self.name)  # a parallel shard created it first
+        self._ready = True
 
     def commit_chunk(self, doc_id, chunk, content_hash, n_tokens) -> None:
         docs = self.documents()
