@@ -24,19 +24,19 @@ def _json_option(f):
 
 
 def _conn() -> dict:
-    from knnlm_vdb.cli import milvus_options
+    from knnlm_vdb.cli_common import milvus_options
 
     return milvus_options()
 
 
 def _emit(payload, as_json: bool, lines: list[str]) -> None:
-    from knnlm_vdb.cli import emit
+    from knnlm_vdb.cli_common import emit
 
     emit(payload, as_json, lines)
 
 
 def _summary(index: dict) -> str:
-    from knnlm_vdb.cli import index_summary
+    from knnlm_vdb.cli_common import index_summary
 
     return index_summary({"type": index.get("type"), **index.get("build_params", {}),
                           **{f"search.{k}": v for k, v in (index.get("search_params") or {}).items()}})
@@ -93,7 +93,7 @@ def domains_describe(domain, uri, as_json):
         f"model       {d['model']} (key {d['key_type']}, dim {d['dim']}, vocab {d['vocab_size']})",
         f"index       {_summary(d['index'])}",
         f"documents   {d['ledger_documents']:,} in the ingest ledger",
-        f"tuned       " + (f"k={tuned['k']} T={tuned['temperature']} λ={tuned['lambda']}" if tuned else "no"),
+        "tuned       " + (f"k={tuned['k']} T={tuned['temperature']} λ={tuned['lambda']}" if tuned else "no"),
         f"schema      version {d['schema_version']}",
     ]
     others = [c["name"] + (" (retired)" if c["retired"] else "") for c in d["collections"] if not c["serving"]]

@@ -10,22 +10,19 @@ Where the datastore lives:
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from knnlm_vdb import __version__
+from knnlm_vdb.cli_common import (emit, index_summary, knn_options, location_options, make_encoder, milvus_options,
+                                  model_options, open_stores, opt, parse_lambda, read_token_sequences,
+                                  resolve_knn_settings, resolve_locations)
 from knnlm_vdb.errors import KnnlmError
-from knnlm_vdb.settings import DEFAULTS, KEY_TYPES, env_name
 
 log = logging.getLogger("knnlm_vdb")
-
-TOKEN_ENV = "KNNLM_MILVUS_TOKEN"  # secrets come from the environment, never from argv
-
 
 class _Group(click.Group):
     def invoke(self, ctx):
@@ -35,168 +32,6 @@ class _Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
-
-def opt(name: str, *decls, **kw):
-    """A click option whose default and env var come from settings.DEFAULTS."""
-    flag = "--" + name.replace("_", "-")
-    kw.setdefault("default", DEFAULTS.get(name))
-    kw.setdefault("show_default", True)
-    return click.option(flag, *decls, envvar=env_name(name), **kw)
-
-
-def model_options(f):
-    for o in reversed([
-        opt("model", help="hub id, local directory, .gguf file, or smollm2-135m (bundled)"),
-        opt("key_type", type=click.Choice(KEY_TYPES), help="which hidden state is the key"),
-        opt("ctx", type=int, help="window length in tokens"),
-        opt("stride", type=int, help="new targets per window; each has >= ctx-stride tokens of context"),
-        opt("batch_size", type=int, help="windows per forward pass"),
-        opt("device", help="auto, cpu or cuda[:N]"),
-        opt("dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
-    ]):
-        f = o(f)
-    return f
-
-
-def location_options(multiple: bool):
-    def deco(f):
-        for o in reversed([
-            click.option("--datastore", "datastores", multiple=multiple, type=click.Path(),
-                         help="FAISS datastore directory" + (" (repeatable)" if multiple else "")),
-            click.option("--backend", type=click.Choice(["faiss", "milvus"]), default=None,
-                         help="faiss when --datastore is given, else milvus"),
-            opt("uri", help="Milvus: local file (Milvus Lite) or http://host:19530; token from $" + TOKEN_ENV),
-            click.option("--domain", "domains", multiple=multiple, default=None,
-                         help="Milvus domain (collection)" + (" (repeatable: merged top-k)" if multiple else "")),
-            opt("consistency", type=click.Choice(["Strong", "Bounded", "Session", "Eventually"]),
-                help="Milvus read consistency"),
-        ]):
-            f = o(f)
-        return f
-    return deco
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def resolve_locations(datastores, backend, uri, domains) -> tuple[str, list[str]]:
-    """-> (backend, [locations]); for Milvus the locations are domain names at ``uri``."""
-    datastores, domains = _as_list(datastores), _as_list(domains)
-    if backend is None:
-        backend = "faiss" if datastores else "milvus"
-    if backend == "faiss":
-        if domains:
-            raise KnnlmError("--domain is for the Milvus backend; a FAISS datastore is a directory (--datastore DIR)")
-        if not datastores:
-            raise KnnlmError("--backend faiss needs --datastore DIR")
-        return backend, datastores
-    if datastores:
-        raise KnnlmError("--datastore is a FAISS directory; for Milvus use --uri and --domain")
-    return backend, domains or ["default"]
-
-
-def milvus_options(consistency: str | None = None) -> dict:
-    o = {"token": os.environ.get(TOKEN_ENV) or None}
-    if consistency:
-        o["consistency"] = consistency
-    return o
-
-
-def open_stores(backend, locations, uri, consistency, encoder=None):
-    from knnlm_vdb.datastore import StoreInfo, open_store
-
-    stores = []
-    for loc in locations:
-        if backend == "faiss":
-            store = open_store("faiss", loc)
-        else:
-            store = open_store("milvus", uri, domain=loc, **milvus_options(consistency))
-        if encoder is not None:
-            store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
-        stores.append(store)
-    return stores
-
-
-def make_encoder(model, key_type, ctx, stride, batch_size, device, dtype):
-    from knnlm_vdb.encoder import Encoder
-    from knnlm_vdb.lm import load_lm
-
-    return Encoder(load_lm(model, device=device, dtype=dtype), key_type=key_type, ctx=ctx, stride=stride,
-                   batch_size=batch_size)
-
-
-def parse_lambda(value):
-    """``--lambda`` is a number in [0, 1] or ``auto`` (per-token λ from the stored calibration)."""
-    if value is None or value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise KnnlmError(f"--lambda must be a number in [0, 1] or 'auto', got {value!r}") from None
-
-
-def resolve_knn_settings(stores, k, temperature, lmbda):
-    """-> (k, T, λ, calibration). Flag or env var, else what `tune` stored with the (first)
-    datastore — its adaptive calibration first, its best fixed setting second — else the default."""
-    from knnlm_vdb.adaptive import Calibration
-    from knnlm_vdb.knn import check_params
-
-    extra = stores[0].info.extra if stores else {}
-    lmbda = parse_lambda(lmbda)
-    if lmbda == "auto" or (lmbda is None and k is None and temperature is None and "calibration" in extra):
-        if "calibration" not in extra:
-            raise KnnlmError("--lambda auto needs a calibration: run `knnlm-vdb tune` on validation text first")
-        cal = Calibration.from_dict(extra["calibration"])
-        return cal.k, cal.temperature, "auto", cal
-    tuned = extra.get("tuned", {})
-    k = k if k is not None else int(tuned.get("k", DEFAULTS["k"]))
-    temperature = temperature if temperature is not None else float(tuned.get("temperature", DEFAULTS["temperature"]))
-    lmbda = lmbda if lmbda is not None else float(tuned.get("lambda", DEFAULTS["lambda"]))
-    check_params(lmbda=lmbda, k=k, temperature=temperature)
-    return k, temperature, lmbda, None
-
-
-def knn_options(f):
-    for o in reversed([
-        click.option("--k", type=int, default=None, envvar=env_name("k"),
-                     help=f"neighbours per query [default: tuned, else {DEFAULTS['k']}]"),
-        click.option("--temperature", "-T", type=float, default=None, envvar=env_name("temperature"),
-                     help=f"softmax temperature over -distance [default: tuned, else {DEFAULTS['temperature']}]"),
-        click.option("--lambda", "lmbda", default=None, envvar=env_name("lambda"),
-                     help="kNN weight in [0, 1], or 'auto' for a per-token λ from the tuned calibration "
-                          f"[default: tuned, else {DEFAULTS['lambda']}]"),
-    ]):
-        f = o(f)
-    return f
-
-
-def read_token_sequences(encoder, corpus_files, max_tokens):
-    from knnlm_vdb.corpus import read_corpora
-
-    sequences, budget = [], max_tokens
-    for doc in read_corpora(corpus_files):
-        ids = encoder.tokenize(doc.text)
-        if budget is not None:
-            ids = ids[: budget + 1]
-            budget -= max(0, len(ids) - 1)
-        if len(ids) >= 2:
-            sequences.append(ids)
-        if budget is not None and budget <= 0:
-            break
-    if not sequences:
-        raise KnnlmError("the corpus has fewer than 2 tokens: nothing to score")
-    return sequences
-
-
-def emit(payload: dict, as_json: bool, lines: list[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(payload, indent=2, default=float))
-    else:
-        for line in lines:
-            click.echo(line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,14 +70,6 @@ def _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard, r
         lines.append(f"warning: {len(report.changed)} document(s) changed since they were ingested and were "
                      f"skipped (use --replace): {', '.join(report.changed)}")
     emit({**report.to_dict(), "datastore": desc}, as_json, lines)
-
-
-def index_summary(index: dict) -> str:
-    """``{'type': 'ivfpq', 'nlist': 64, ...}`` -> ``ivfpq nlist=64 ...`` (set fields only)."""
-    index = dict(index)
-    name = index.pop("type", None) or index.pop("index_type", "?")
-    return " ".join([str(name)] + [f"{k}={v}" for k, v in sorted(index.items()) if v not in (None, {}, False)
-                                   and k != "indexed_count"])
 
 
 def _check_max_tokens(max_tokens):

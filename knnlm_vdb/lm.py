@@ -93,7 +93,6 @@ def pick_dtype(dtype: str, device: str):
 
 def load_lm(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedLM:
     """Load model and tokenizer once; evaluation and encoding share them."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

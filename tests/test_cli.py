@@ -93,7 +93,6 @@ def test_datastore_from_another_model_is_refused(faiss_store, tiny_model_dirs, c
 
 
 def test_datastore_of_another_dimension_is_refused(tmp_path, faiss_store, tokenizer, corpus_file):
-    from conftest import tiny_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=257, hidden_size=48, intermediate_size=64, num_hidden_layers=1,

@@ -525,7 +525,6 @@ def test_rendered_serve_starts_and_answers_its_probes(helm, chart, tmp_path, mon
     mounts them, its args through serve's own option parsing and security check (which refuses an
     open server), the server listening as those args say; then the kubelet's probe port and the
     image's HEALTHCHECK answer SERVING in plaintext, and a TLS port refuses plaintext."""
-    import knnlm_vdb.cli  # noqa: F401  (first: knnlm_vdb.service.commands alone is a circular import)
     from knnlm_vdb.service import commands, knnlm_pb2_grpc
     from knnlm_vdb.service.server import KnnlmServer, Limits, Listen
 

@@ -265,7 +265,7 @@ def ledger_name(domain: str) -> str:
 def deployment_of(uri: str) -> str:
     """``lite`` for a local ``.db`` path, ``server`` for an http(s)/tcp URI; anything else is refused."""
     if not isinstance(uri, str) or not uri:
-        raise KnnlmError(f"empty Milvus --uri: use a local path ending in .db (Milvus Lite) or http://host:19530")
+        raise KnnlmError("empty Milvus --uri: use a local path ending in .db (Milvus Lite) or http://host:19530")
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("http", "https", "tcp"):
         return "server"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from knnlm_vdb.cli import (TOKEN_ENV, emit, knn_options, location_options, make_encoder, milvus_options,
+from knnlm_vdb.cli_common import (TOKEN_ENV, emit, knn_options, location_options, make_encoder, milvus_options,
                            model_options, open_stores, parse_lambda, resolve_knn_settings, resolve_locations)
 from knnlm_vdb.errors import KnnlmError
 from knnlm_vdb.service import security
