@@ -18,6 +18,7 @@ from knnlm_vdb.lm import load_lm
 log = logging.getLogger(__name__)
 
 DEMO_CTX, DEMO_STRIDE = 512, 384  # shorter windows than the default keep the demo near two minutes
+DEMO_MAX_K = 128  # Milvus Lite returns large top-k slowly (seconds per 512 queries at k=1024)
 
 
 def sample_file(name: str) -> Path:
@@ -39,16 +40,17 @@ def run_demo(workdir: Path, backend: str = "milvus", model: str = "smollm2-135m"
 
         if location.exists():  # start from scratch: the demo's numbers are for this sample alone
             drop_domain(str(location), "demo")
-        store = create_store("milvus", str(location), info, domain="demo", index_type="FLAT")
+        store = create_store("milvus", str(location), info, domain="demo", index_type="HNSW",
+                             index_params={"M": 16, "efConstruction": 200}, search_params={"ef": DEMO_MAX_K})
     train = sample_file("demo_train.jsonl")
     ingest(encoder, store, read_documents(train), domain="demo", show_progress=show_progress)
 
     def token_ids(name):
         return [encoder.tokenize(d.text) for d in read_documents(sample_file(name))]
 
-    valid = evaluate(encoder, token_ids("demo_valid.jsonl"), [store], k=1024, keep_neighbours=True,
+    valid = evaluate(encoder, token_ids("demo_valid.jsonl"), [store], k=DEMO_MAX_K, keep_neighbours=True,
                      show_progress=show_progress)
-    best = tune(valid.neighbours)["best"]
+    best = tune(valid.neighbours, ks=(8, 16, 32, 64, 128))["best"]
     test = evaluate(encoder, token_ids("demo_test.jsonl"), [store], k=best["k"], temperature=best["temperature"],
                     lmbda=best["lambda"], show_progress=show_progress).to_dict()
     entries = store.count()

@@ -120,3 +120,11 @@ def test_console_script_prints_one_line_and_exit_2(tmp_path):
                         "--corpus", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: corpus file not found: {tmp_path / 'missing.txt'}"
+
+
+def test_demo_runs_on_the_bundled_sample(tmp_path, tiny_model_dirs):
+    r = run("demo", "--backend", "faiss", "--workdir", tmp_path, "--model", tiny_model_dirs["llama"], "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["datastore_entries"] > 50_000  # four tutorial chapters, one entry per byte-level token
+    assert out["tokens"] > 10_000 and out["base_ppl"] > 1 and 0 < out["knnlm_ppl"] <= out["base_ppl"] * 1.01
