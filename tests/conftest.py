@@ -52,6 +52,40 @@ def tiny_model(arch: str, vocab_size: int = 257, seed: int = 0):
     raise ValueError(arch)
 
 
+def server_database(server_uri: str):
+    """A fresh database on the shared server; yields its URI and drops it afterwards."""
+    import uuid
+
+    from pymilvus import MilvusClient
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    admin = MilvusClient(uri=server_uri)
+    admin.create_database(name)
+    try:
+        yield f"{server_uri}/{name}"
+    finally:
+        c = MilvusClient(uri=f"{server_uri}/{name}")
+        for coll in c.list_collections():  # dropping a collection also drops its aliases
+            c.drop_collection(coll)
+        c.close()
+        admin.drop_database(name)
+        admin.close()
+
+
+def docs_file(path, n_docs, seed=0, words=40):
+    """A JSONL corpus of ``n_docs`` random-word documents."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"id": f"doc{i}", "text": " ".join(rng.choice(vocab, words))}) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return byte_tokenizer()

@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import docs_file
 from knnlm_vdb.cli import main
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
 
 WIN = ["--ctx", "64", "--stride", "32"]
-
-
-def docs_file(path, n_docs, seed=0, words=40):
-    rng = np.random.default_rng(seed)
-    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    with open(path, "w") as f:
-        for i in range(n_docs):
-            f.write(json.dumps({"id": f"doc{i}", "text": " ".join(rng.choice(vocab, words))}) + "\n")
-    return path
 
 
 def cli(*args):

@@ -16,12 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import docs_file, server_database
 from knnlm_vdb.cli import main, make_encoder
 from knnlm_vdb.datastore import milvus_store
 from knnlm_vdb.datastore.base import StoreInfo, entry_ids
@@ -33,23 +33,6 @@ DIM = 16
 INFO = StoreInfo(model="tiny-test", key_type="ffn_input", dim=DIM, tokenizer="tok-abc", vocab_size=257)
 
 
-def server_database(server_uri: str):
-    from pymilvus import MilvusClient
-
-    name = f"t{uuid.uuid4().hex[:12]}"
-    admin = MilvusClient(uri=server_uri)
-    admin.create_database(name)
-    try:
-        yield f"{server_uri}/{name}"
-    finally:
-        c = MilvusClient(uri=f"{server_uri}/{name}")
-        for coll in c.list_collections():  # dropping a collection also drops its aliases
-            c.drop_collection(coll)
-        c.close()
-        admin.drop_database(name)
-        admin.close()
-
-
 @pytest.fixture(params=["lite", "server"])
 def where(request, tmp_path):
     """``(kind, uri_for(name))``: Lite gives each name a file of its own, the server a shared database."""
@@ -58,15 +41,6 @@ def where(request, tmp_path):
     else:
         for uri in server_database(request.getfixturevalue("milvus_server").uri):
             yield "server", lambda name: uri
-
-
-def docs_file(path, n_docs, seed=0, words=40):
-    rng = np.random.default_rng(seed)
-    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    with open(path, "w") as f:
-        for i in range(n_docs):
-            f.write(json.dumps({"id": f"doc{i}", "text": " ".join(rng.choice(vocab, words))}) + "\n")
-    return path
 
 
 def expected_targets(path, tokenizer):

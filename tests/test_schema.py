@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import server_database
 from knnlm_vdb.cli import main
 from knnlm_vdb.datastore import open_store
 from knnlm_vdb.datastore.base import StoreInfo, entry_ids
@@ -24,24 +24,6 @@ from knnlm_vdb.schema import latest_version, migrate, migrations, reindex, statu
 
 DIM = 16
 INFO = StoreInfo(model="tiny-test", key_type="ffn_input", dim=DIM, tokenizer="tok-abc", vocab_size=257)
-
-
-def server_database(server_uri: str):
-    """A fresh database on the shared server; yields its URI and drops it afterwards."""
-    from pymilvus import MilvusClient
-
-    name = f"t{uuid.uuid4().hex[:12]}"
-    admin = MilvusClient(uri=server_uri)
-    admin.create_database(name)
-    try:
-        yield f"{server_uri}/{name}"
-    finally:
-        c = MilvusClient(uri=f"{server_uri}/{name}")
-        for coll in c.list_collections():
-            c.drop_collection(coll)
-        c.close()
-        admin.drop_database(name)
-        admin.close()
 
 
 @pytest.fixture(params=["lite", "server"])
