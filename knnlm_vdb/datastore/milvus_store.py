@@ -590,6 +590,7 @@ class MilvusDatastore(Datastore):
         self.deployment = deployment_of(uri)
         self._dirty = False
         self._count_hint = self.count()
+        self._rows_added_here = 0
 
     # ---- creation / opening -------------------------------------------------------------------
     @classmethod
@@ -838,6 +839,7 @@ class MilvusDatastore(Datastore):
                 self.client.upsert(self.name, rows)
         self._dirty = True
         self._count_hint += len(new)
+        self._rows_added_here += len(new)
         return int(len(new))
 
     def delete_ids(self, ids) -> int:
@@ -902,7 +904,11 @@ class MilvusDatastore(Datastore):
     def queries_per_call(self, k: int) -> int:
         """Queries per search RPC: request and result under the RPC budget, Lite's scratch bounded."""
         nq = min(MAX_NQ, RPC_BUDGET_BYTES // (k * BYTES_PER_HIT), RPC_BUDGET_BYTES // (4 * self.info.dim))
-        if self.deployment == "lite":
+        # Lite brute-forces FLAT collections and not-yet-indexed (growing) rows with an
+        # nq × rows × dim scratch buffer. An indexed collection this process has not written to
+        # has no growing rows (writers seal on close), so only the RPC budget applies; capping it
+        # anyway made HNSW search ~0.35 s per 2 queries on a 408k-row domain instead of ~1.5 s per 256.
+        if self.deployment == "lite" and (self.index.index_type == "FLAT" or self._rows_added_here):
             row_bytes = 4 * self.info.dim
             per_query = min(self._count_hint * row_bytes, max(LITE_MEMTABLE_BYTES, LITE_SEGMENT_ROWS * row_bytes))
             nq = min(nq, LITE_SCRATCH_BYTES // max(1, per_query))
