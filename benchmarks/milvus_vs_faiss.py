@@ -70,6 +70,9 @@ def load_rows(src: FaissDatastore, uri: str, domain: str, options: dict, batch: 
         stats["index_state"] = store.wait_for_index()
     stats["seal_index_seconds"] = time.perf_counter() - t
     stats["load_rows_per_s"] = n / stats["load_seconds"] if stats["load_seconds"] else None
+    store.close()  # measure as a reader does: a fresh handle on the sealed, indexed domain
+    store = MilvusDatastore.open(uri, domain, search_params=options["search_params"],
+                                 consistency=options["consistency"])
     return store, stats
 
 
