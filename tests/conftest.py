@@ -86,6 +86,27 @@ def docs_file(path, n_docs, seed=0, words=40):
     return path
 
 
+def serve_listening_line(proc, timeout=120.0) -> str:
+    """Wait for a `knnlm-vdb serve` subprocess to print its 'listening on HOST:PORT ...' line."""
+    import threading
+
+    lines, done = [], threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("listening on"):
+                break
+        done.set()  # started, or exited
+
+    threading.Thread(target=reader, daemon=True).start()
+    done.wait(timeout)
+    if not (lines and lines[-1].startswith("listening on")):
+        proc.kill()
+        raise AssertionError("serve did not start: " + "".join(lines) + proc.stderr.read()[-3000:])
+    return lines[-1]
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return byte_tokenizer()

@@ -13,14 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, serve_listening_line
 
 from knnlm_vdb.cli import main
 from knnlm_vdb.corpus import Document
@@ -236,22 +235,8 @@ def test_server_deadline_applies_without_a_client_deadline(encoder, store_dir):
 
 # ---- the commands: TLS, tokens from the environment, secrets out of every log ------------------
 def _serve_ports(proc, timeout=120.0) -> tuple[int, int]:
-    lines, done = [], threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("listening on"):
-                break
-        done.set()  # started, or exited
-
-    threading.Thread(target=reader, daemon=True).start()
-    done.wait(timeout)
-    if not (lines and lines[-1].startswith("listening on")):
-        proc.kill()
-        raise AssertionError("serve did not start: " + "".join(lines) + proc.stderr.read()[-3000:])
-    words = lines[-1].split()
-    return int(words[2].rsplit(":", 1)[1]), int(lines[-1].rsplit(":", 1)[1])
+    line = serve_listening_line(proc, timeout)
+    return int(line.split()[2].rsplit(":", 1)[1]), int(line.rsplit(":", 1)[1])
 
 
 def test_serve_command_tls_tokens_and_no_secret_in_any_output(tiny_model_dirs, tmp_path, corpus_file, pki,

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, serve_listening_line
 
 from knnlm_vdb.adaptive import Calibration, fit_calibration
 from knnlm_vdb.cli import main, resolve_knn_settings
@@ -352,22 +352,7 @@ def test_score_command_json(client, server, tmp_path):
 
 def _read_listening_port(proc, timeout=120.0) -> int:
     """The port from serve's 'listening on HOST:PORT' line."""
-    lines = []
-    done = threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("listening on"):
-                break
-        done.set()  # started, or exited
-
-    threading.Thread(target=reader, daemon=True).start()
-    done.wait(timeout)
-    if not (lines and lines[-1].startswith("listening on")):
-        proc.kill()
-        raise AssertionError("serve did not start: " + "".join(lines) + proc.stderr.read()[-3000:])
-    return int(lines[-1].split()[2].rsplit(":", 1)[1])
+    return int(serve_listening_line(proc, timeout).split()[2].rsplit(":", 1)[1])
 
 
 def test_serve_command_drains_on_sigterm(tiny_model_dirs, tmp_path, corpus_file):
