@@ -26,6 +26,15 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def parse_systems(text: str, known: tuple[str, ...]) -> list[str]:
+    """``--systems a,b`` -> ``["a", "b"]``, refusing names the benchmark does not know."""
+    systems = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(systems) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown --systems {', '.join(unknown)}; choose from {', '.join(known)}")
+    return systems
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """``columns``: (key, header, format) triples."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]

@@ -52,6 +52,16 @@ def tiny_model(arch: str, vocab_size: int = 257, seed: int = 0):
     raise ValueError(arch)
 
 
+# What a synthetic store claims to be built with (tests that fill stores with random keys).
+STORE_DIM = 16
+
+
+def store_info():
+    from knnlm_vdb.datastore import StoreInfo
+
+    return StoreInfo(model="tiny-test", key_type="ffn_input", dim=STORE_DIM, tokenizer="tok-abc", vocab_size=257)
+
+
 def server_database(server_uri: str):
     """A fresh database on the shared server; yields its URI and drops it afterwards."""
     import uuid

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import docs_file, server_database
+from conftest import STORE_DIM, docs_file, server_database, store_info
 from knnlm_vdb.cli import main, make_encoder
 from knnlm_vdb.datastore import milvus_store
 from knnlm_vdb.datastore.base import StoreInfo, entry_ids
@@ -29,8 +29,8 @@ from knnlm_vdb.datastore.milvus_store import MilvusDatastore, _connect, list_dom
 from knnlm_vdb.schema import _iterate
 
 WIN = ["--ctx", "64", "--stride", "32"]
-DIM = 16
-INFO = StoreInfo(model="tiny-test", key_type="ffn_input", dim=DIM, tokenizer="tok-abc", vocab_size=257)
+DIM = STORE_DIM
+INFO = store_info()
 
 
 @pytest.fixture(params=["lite", "server"])

@@ -11,6 +11,7 @@ import uuid
 import numpy as np
 import pytest
 
+from conftest import STORE_DIM, store_info
 from knnlm_vdb.datastore import create_store, open_store
 from knnlm_vdb.datastore import milvus_store
 from knnlm_vdb.datastore.base import MISSING_VALUE, StoreInfo, entry_ids
@@ -18,8 +19,8 @@ from knnlm_vdb.datastore.faiss_store import FaissDatastore
 from knnlm_vdb.datastore.milvus_store import (MilvusDatastore, drop_domain, list_domains, validate_index)
 from knnlm_vdb.errors import KnnlmError
 
-DIM = 16
-INFO = StoreInfo(model="tiny-test", key_type="ffn_input", dim=DIM, tokenizer="tok-abc", vocab_size=257)
+DIM = STORE_DIM
+INFO = store_info()
 
 
 @pytest.fixture(params=["lite", "server"])

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import server_database
+from conftest import STORE_DIM, server_database, store_info
 from knnlm_vdb.cli import main
 from knnlm_vdb.datastore import open_store
-from knnlm_vdb.datastore.base import StoreInfo, entry_ids
+from knnlm_vdb.datastore.base import entry_ids
 from knnlm_vdb.datastore.milvus_store import (SCHEMA_COLLECTION, MilvusDatastore, _connect, doc_id_index,
                                               list_domains, read_schema_state, validate_index)
 from knnlm_vdb.errors import KnnlmError
 from knnlm_vdb.schema import latest_version, migrate, migrations, reindex, status, write_schema_state
 
-DIM = 16
-INFO = StoreInfo(model="tiny-test", key_type="ffn_input", dim=DIM, tokenizer="tok-abc", vocab_size=257)
+DIM = STORE_DIM
+INFO = store_info()
 
 
 @pytest.fixture(params=["lite", "server"])
