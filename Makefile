@@ -28,7 +28,9 @@ test: $(VENV)/.dev tools
 # so a rerun only re-measures; from scratch it takes about 2.5 h on 2 CPU cores.
 bench: $(VENV)/.dev
 	cd benchmarks && ../$(PY) quality.py --max-tokens 408000
-	cd benchmarks && ../$(PY) paper.py --eval-tokens 20000 --speed-tokens 8000
+	cd benchmarks && ../$(PY) paper.py --eval-tokens 20000
+	cd benchmarks && ../$(PY) adaptive.py --eval-tokens 20000 --speed-tokens 8000
+	cd benchmarks && ../$(PY) key_types.py --train-tokens 100000 --eval-tokens 20000 --sizes 25000
 	cd benchmarks && ../$(PY) milvus_vs_faiss.py --faiss-dir cache/pydocs-408000-ffn_input-c1024s512-flat \
 		--eval-tokens 4096 --k 64 --temperature 1.5 --lambda 0.15 --recall-queries 512 --ef-construction 100
 	cd benchmarks && ../$(PY) ingest.py --max-tokens 4000 --no-progress

@@ -8,8 +8,9 @@ from that cache (benchmarks/cache/paper/), so the whole study costs four eval pa
 
 * domain adaptation: base LM vs + in-domain vs + other-domain vs + both datastores;
 * fixed λ (tuned on valid) vs adaptive λ (`--lambda auto`), in and across domains, with the
-  share of searches skipped;
-* curves on pydocs test: perplexity against k, λ and datastore size.
+  share of searches skipped (benchmarks/adaptive.py adds timings and the gate-only ablation);
+* curves on pydocs test: perplexity against k, λ, T and datastore size
+  (benchmarks/key_types.py: ffn_input vs final_hidden keys).
 
 Writes benchmarks/results/paper.{json,md} and paper_*.png.
 """
@@ -21,15 +22,16 @@ import time
 import numpy as np
 from common import CACHE, RESULTS, corpus_file, markdown_table, setup_logging, write_results
 
-from knnlm_vdb.adaptive import fit_calibration, mix_domains
+from knnlm_vdb.adaptive import fit_calibration
 from knnlm_vdb.corpus import read_documents
 from knnlm_vdb.datastore import StoreInfo, merge_topk
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
 from knnlm_vdb.encoder import Encoder
-from knnlm_vdb.evaluate import Neighbours, evaluate, tune
+from knnlm_vdb.evaluate import Neighbours, tune
 from knnlm_vdb.ingest import ingest
-from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
+from knnlm_vdb.knn import perplexity
 from knnlm_vdb.lm import load_lm
+from knnlm_vdb.mixing import Found, Mixer
 
 K = 1024
 DOMAINS = ("pydocs", "debref")
@@ -84,32 +86,47 @@ def fixed_ppl(nb: Neighbours, best: dict) -> float:
     return perplexity(nb.knnlm_logprobs(best["k"], best["temperature"], best["lambda"]))
 
 
-def auto_ppl(nb: Neighbours, cal) -> tuple[float, float]:
-    searched = cal.search_mask(nb.lm_entropy, nb.lm_max_logprob)
-    knn = knn_target_logprobs(nb.distances[:, :cal.k], nb.values[:, :cal.k], nb.targets, cal.temperature)
-    lam = cal.lambdas(nb.distances[:, :cal.k], nb.lm_entropy, nb.lm_max_logprob, searched)
-    return perplexity(interpolate(nb.lm_logprobs, knn, lam)), float(1 - searched.mean())
+def auto_scores(data: dict, stores: list[str], cals: list, trust: bool = True) -> tuple[float, float]:
+    """(perplexity, share of searches skipped) of ``--lambda auto`` over cached neighbours, scored
+    by the same Mixer as evaluate() (the split read as one document). ``trust=False``: the
+    per-token gate alone, without the per-document trust."""
+    mixer = Mixer(stores, calibrations=cals)  # store names stand in for stores: nothing is searched here
+    masks = mixer.search_masks(data["lm_entropy"], data["lm_max_logprob"])
+    found = [Found(m, np.where(m[:, None], data[f"dist_{s}"][:, :c.k], np.inf).astype(np.float32),
+                   np.where(m[:, None], data[f"vals_{s}"][:, :c.k], -1).astype(np.int32))
+             for s, c, m in zip(stores, cals, masks)]
+    doc = mixer.new_document()
+    if not trust:
+        for d in doc:
+            d.scales, d.prior, d.weights = np.ones(1), np.ones(1), np.ones(1)
+    mixed, _, _ = mixer.score(doc, data["targets"], data["lm_logprobs"], data["lm_entropy"],
+                              data["lm_max_logprob"], found)
+    return perplexity(mixed), float(1 - np.any(masks, axis=0).mean())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--pydocs-tokens", type=int, default=408_000)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--debref-tokens", type=int, default=0, help="debref datastore cap (0 = whole train split)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="cap on each valid/test split (0 = all)")
-    ap.add_argument("--speed-tokens", type=int, default=16_000, help="tokens of pydocs test for the timed evals")
-    args = ap.parse_args()
-    setup_logging()
-    t_start = time.perf_counter()
+    return ap
+
+
+def passes(args):
+    """-> (encoder, {domain: datastore}, {(corpus, split): cached LM pass with both domains' neighbours})."""
     enc = Encoder(load_lm(args.model), ctx=args.ctx, stride=args.stride, batch_size=2)
     stores = {"pydocs": build_store(enc, "pydocs", args.pydocs_tokens, args.ctx, args.stride),
               "debref": build_store(enc, "debref", args.debref_tokens or None, args.ctx, args.stride)}
     tag = f"p{args.pydocs_tokens}-d{args.debref_tokens}-e{args.eval_tokens}-c{args.ctx}s{args.stride}"
     data = {(c, s): split_pass(enc, stores, c, s, tag, args.eval_tokens) for c in DOMAINS for s in ("valid", "test")}
+    return enc, stores, data
 
-    # tuned settings: per (datastore, tuning corpus), and the calibration of each datastore on its own domain
+
+def fit(data: dict) -> tuple[dict, dict]:
+    """Best fixed (k, T, λ) per (datastore, tuning corpus) and 'both'; calibration per datastore on its own valid."""
     best, cal = {}, {}
     for store in DOMAINS:
         for corpus in DOMAINS:
@@ -118,8 +135,18 @@ def main() -> None:
                                         best[store, store]["k"], best[store, store]["temperature"])
     for corpus in DOMAINS:
         best["both", corpus] = tune(both(data[corpus, "valid"]))["best"]
+    return best, cal
 
-    # 1. domain adaptation and adaptive λ on the test splits
+
+def main() -> None:
+    ap = arguments(__doc__)
+    args = ap.parse_args()
+    setup_logging()
+    t_start = time.perf_counter()
+    enc, stores, data = passes(args)
+    best, cal = fit(data)
+
+    # 1. domain adaptation on the test splits: fixed λ, and --lambda auto
     rows = []
     for corpus in DOMAINS:
         test = data[corpus, "test"]
@@ -128,22 +155,15 @@ def main() -> None:
         rows.append({"test": corpus, "datastore": "none (base LM)", "fixed_ppl": base})
         for store in (corpus, other):
             nb = neighbours(test, store)
-            ppl_auto, skipped = auto_ppl(nb, cal[store])
+            ppl_auto, skipped = auto_scores(test, [store], [cal[store]])
             rows.append({"test": corpus, "datastore": store + (" (in-domain)" if store == corpus else " (other domain)"),
                          "fixed_ppl": fixed_ppl(nb, best[store, store]),
                          "fixed_test_tuned_ppl": fixed_ppl(nb, best[store, corpus]),
                          "auto_ppl": ppl_auto, "auto_skipped": skipped})
-        nbs = [neighbours(test, s) for s in DOMAINS]
-        lm = test["lm_logprobs"]
-        parts = []
-        for s, nb in zip(DOMAINS, nbs):
-            c = cal[s]
-            searched = c.search_mask(nb.lm_entropy, nb.lm_max_logprob)
-            knn = knn_target_logprobs(nb.distances[:, :c.k], nb.values[:, :c.k], nb.targets, c.temperature)
-            parts.append((knn, c.lambdas(nb.distances[:, :c.k], nb.lm_entropy, nb.lm_max_logprob, searched)))
-        rows.append({"test": corpus, "datastore": "both (merged top-k)",
+        ppl_auto, skipped = auto_scores(test, list(DOMAINS), [cal[s] for s in DOMAINS])
+        rows.append({"test": corpus, "datastore": "both (fixed: merged top-k; auto: per domain)",
                      "fixed_test_tuned_ppl": fixed_ppl(both(test), best["both", corpus]),
-                     "auto_ppl": perplexity(mix_domains(lm, parts))})
+                     "auto_ppl": ppl_auto, "auto_skipped": skipped})
         for r in rows:
             if r["test"] == corpus:
                 for key in ("fixed_ppl", "fixed_test_tuned_ppl", "auto_ppl"):
@@ -160,26 +180,15 @@ def main() -> None:
                               for t in (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)]}
     curves["size"] = size_curve(stores["pydocs"], data["pydocs", "test"], b)
 
-    # 3. timed evals: fixed λ vs --lambda auto with real skipped searches (pydocs test prefix)
-    ids = enc.tokenize(corpus_file("pydocs", "test").read_text())[: args.speed_tokens + 1]
-    fixed_run = evaluate(enc, ids, [stores["pydocs"]], k=b["k"], temperature=b["temperature"], lmbda=b["lambda"]).to_dict()
-    auto_run = evaluate(enc, ids, [stores["pydocs"]], calibration=cal["pydocs"]).to_dict()
-    speed = {"fixed": fixed_run, "auto": auto_run,
-             "speedup": auto_run["knnlm_tokens_per_s"] / fixed_run["knnlm_tokens_per_s"]}
-
     table = markdown_table(rows, [("test", "test text", ""), ("datastore", "datastore", ""),
                                   ("fixed_ppl", "ppl, λ tuned on datastore's domain", ".3f"),
                                   ("fixed_delta", "Δ%", "+.1f"),
                                   ("fixed_test_tuned_ppl", "ppl, λ tuned on test domain's valid", ".3f"),
                                   ("fixed_test_tuned_delta", "Δ%", "+.1f"),
-                                  ("auto_ppl", "ppl, --lambda auto", ".3f"), ("auto_delta", "Δ%", "+.1f"),
+                                  ("auto_ppl", "ppl, --lambda auto", ".3f"), ("auto_delta", "Δ%", "+.2f"),
                                   ("auto_skipped", "searches skipped", ".0%")])
-    table += (f"\n\nTimed on {fixed_run['tokens']:,} pydocs test tokens: fixed λ {fixed_run['knnlm_tokens_per_s']:.0f} "
-              f"tokens/s (ppl {fixed_run['knnlm_ppl']:.3f}), --lambda auto {auto_run['knnlm_tokens_per_s']:.0f} tokens/s "
-              f"(ppl {auto_run['knnlm_ppl']:.3f}, {100 * (1 - auto_run['searched_fraction']):.0f}% searches skipped): "
-              f"{speed['speedup']:.2f}× ; base LM {fixed_run['base_tokens_per_s']:.0f} tokens/s.")
     plots(curves)
-    write_results("paper", {"args": vars(args), "rows": rows, "curves": curves, "speed": speed,
+    write_results("paper", {"args": vars(args), "rows": rows, "curves": curves,
                             "tuned": {f"{s}|{c}": v for (s, c), v in best.items()},
                             "calibration": {s: c.to_dict() for s, c in cal.items()},
                             "datastores": {s: st.count() for s, st in stores.items()},

@@ -14,6 +14,16 @@ features, neighbours that are far away (another domain) get λ → 0 by themselv
 A second gate sees only the LM's own features (entropy, max probability), which exist
 *before* the search: where it predicts a λ below ``skip_below``, the search is skipped and
 the token is scored by the LM alone — the speed-up of adaptive retrieval.
+
+Per-token features cannot tell a foreign domain from a hard passage of the home domain: at the
+same neighbour distance, retrieval from another domain simply helps less (measured: the best λ
+at pydocs-like distances is ~0.1 in domain and ~0.01 across). What does tell them apart is the
+document read so far. ``DocumentTrust`` keeps, per document and per domain, a Bayesian posterior
+over a few multiples s of the gate's λ (s = 0 is the base LM alone), updated after every
+scored token with that token's likelihood under each multiple (fixed-share, so the posterior
+can follow a document that changes topic). The posterior mean of s·λ_gate is the λ used, so
+the result is still a kNN-LM, and its log-loss over a document is at most the best multiple's
+plus log(#multiples) plus the switching cost: it cannot do much worse than the LM alone.
 """
 from __future__ import annotations
 
@@ -26,6 +36,9 @@ from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
 POST_FEATURES = ("log_d1", "log_d8", "log_dk", "lm_entropy", "lm_max_logprob")
 PRE_FEATURES = ("lm_entropy", "lm_max_logprob")
 _FAR = 1e6  # stands in for a missing neighbour's distance
+TRUST_SCALES = (0.0, 0.5, 1.0, 1.5)  # multiples of the gate's λ that DocumentTrust weighs
+SWITCH_RATE = 1e-3  # fixed-share: prior mass given back to every multiple after each token
+LAMBDA_CAP = 0.95
 
 
 def _features(distances: np.ndarray | None, lm_entropy: np.ndarray, lm_max_logprob: np.ndarray,
@@ -54,7 +67,7 @@ class LinearGate:
 
     def __call__(self, distances, lm_entropy, lm_max_logprob) -> np.ndarray:
         z = (_features(distances, lm_entropy, lm_max_logprob, self.names) - np.array(self.mean)) / np.array(self.std)
-        return self.lambda_max / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+        return self.lambda_max * 0.5 * (1.0 + np.tanh(0.5 * (z @ np.array(self.weights) + self.bias)))  # sigmoid
 
 
 def _fit_gate(names, distances, lm_entropy, lm_max_logprob, lm_logprobs, knn_logprobs, lambda_max=0.9,
@@ -91,6 +104,36 @@ def _fit_gate(names, distances, lm_entropy, lm_max_logprob, lm_logprobs, knn_log
                       lambda_max)
 
 
+class DocumentTrust:
+    """How far to trust one domain's gate on the document being read (see the module doc)."""
+
+    def __init__(self, scales=TRUST_SCALES, switch_rate: float = SWITCH_RATE):
+        self.scales = np.asarray(scales, np.float64)
+        self.prior = np.full(len(self.scales), 1.0 / len(self.scales))
+        self.weights = self.prior.copy()
+        self.switch_rate = switch_rate
+
+    def expected_scale(self) -> float:
+        return float(self.weights @ self.scales)
+
+    def observe(self, lm_logprobs, knn_logprobs, gate_lambdas) -> np.ndarray:
+        """λ for each token in order — from the evidence before it — then learn from its target."""
+        lm = np.asarray(lm_logprobs, np.float64)
+        knn = np.asarray(knn_logprobs, np.float64)
+        gate = np.asarray(gate_lambdas, np.float64)
+        # p_kNN/p_LM of each target, clipped so the products below stay finite
+        ratio = np.exp(np.clip(np.where(np.isfinite(knn), knn - lm, -np.inf), -700.0, 300.0))
+        out = np.zeros(len(gate))
+        w, scales, prior, share = self.weights, self.scales, self.prior, self.switch_rate
+        for t in np.flatnonzero(gate > 0):  # λ = 0: every multiple predicts alike, nothing to learn
+            lam = np.minimum(scales * gate[t], LAMBDA_CAP)
+            out[t] = w @ lam
+            w = w * ((1.0 - lam) + lam * ratio[t])  # each multiple's p(target) / p_LM(target)
+            w = (1.0 - share) * w / w.sum() + share * prior
+        self.weights = w
+        return out
+
+
 @dataclass
 class Calibration:
     """What ``--lambda auto`` needs; stored with the datastore as ``extra["calibration"]``."""
@@ -100,6 +143,8 @@ class Calibration:
     post: LinearGate
     pre: LinearGate
     skip_below: float  # skip the search where the pre-search gate predicts λ below this
+    trust_scales: tuple = TRUST_SCALES
+    switch_rate: float = SWITCH_RATE
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +152,11 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         gate = lambda g: LinearGate(tuple(g["names"]), g["mean"], g["std"], g["weights"], g["bias"], g["lambda_max"])  # noqa: E731
-        return cls(int(d["k"]), float(d["temperature"]), gate(d["post"]), gate(d["pre"]), float(d["skip_below"]))
+        return cls(int(d["k"]), float(d["temperature"]), gate(d["post"]), gate(d["pre"]), float(d["skip_below"]),
+                   tuple(d.get("trust_scales", TRUST_SCALES)), float(d.get("switch_rate", SWITCH_RATE)))
+
+    def new_document(self) -> DocumentTrust:
+        return DocumentTrust(self.trust_scales, self.switch_rate)
 
     def search_mask(self, lm_entropy, lm_max_logprob) -> np.ndarray:
         return self.pre(None, lm_entropy, lm_max_logprob) >= self.skip_below
@@ -124,17 +173,22 @@ def fit_calibration(neighbours, k: int, temperature: float, max_ppl_cost: float 
     knn = knn_target_logprobs(dist, nb.values[:, :k], nb.targets, temperature)
     post = _fit_gate(POST_FEATURES, dist, nb.lm_entropy, nb.lm_max_logprob, nb.lm_logprobs, knn)
     pre = _fit_gate(PRE_FEATURES, None, nb.lm_entropy, nb.lm_max_logprob, nb.lm_logprobs, knn)
+    cal = Calibration(k, temperature, post, pre, 0.0)
     lam_post = post(dist, nb.lm_entropy, nb.lm_max_logprob)
     lam_pre = pre(None, nb.lm_entropy, nb.lm_max_logprob)
-    full = perplexity(interpolate(nb.lm_logprobs, knn, lam_post))
-    best_tau, curve = 0.0, []
+
+    def auto_ppl(searched):  # the validation text read as one document
+        lam = cal.new_document().observe(nb.lm_logprobs, knn, np.where(searched, lam_post, 0.0))
+        return perplexity(interpolate(nb.lm_logprobs, knn, lam))
+
+    full = auto_ppl(np.ones(len(lam_pre), bool))
+    curve = []
     for tau in np.unique(np.quantile(lam_pre, np.linspace(0, 0.95, 39))):
         searched = lam_pre >= tau
-        ppl = perplexity(interpolate(nb.lm_logprobs, knn, np.where(searched, lam_post, 0.0)))
+        ppl = auto_ppl(searched)
         curve.append({"skip_below": float(tau), "skipped": float(1 - searched.mean()), "ppl": ppl})
         if ppl <= full * (1 + max_ppl_cost):
-            best_tau = max(best_tau, float(tau))
-    cal = Calibration(k, temperature, post, pre, best_tau)
+            cal.skip_below = max(cal.skip_below, float(tau))
     report = {"valid_base_ppl": perplexity(nb.lm_logprobs), "valid_auto_ppl": full,
               "valid_skipped": float(1 - cal.search_mask(nb.lm_entropy, nb.lm_max_logprob).mean()),
               "skip_curve": curve}

@@ -119,18 +119,23 @@ def parse_lambda(value):
 
 
 def resolve_knn_settings(stores, k, temperature, lmbda):
-    """-> (k, T, λ, calibration). Flag or env var, else what `tune` stored with the (first)
-    datastore — its adaptive calibration first, its best fixed setting second — else the default."""
+    """-> (k, T, λ, calibrations). Flag or env var, else what `tune` stored with the datastores —
+    adaptive λ when every datastore has a calibration (one per domain), else the first one's best
+    fixed setting — else the default."""
     from knnlm_vdb.adaptive import Calibration
     from knnlm_vdb.knn import check_params
 
     extra = stores[0].info.extra if stores else {}
     lmbda = parse_lambda(lmbda)
-    if lmbda == "auto" or (lmbda is None and k is None and temperature is None and "calibration" in extra):
-        if "calibration" not in extra:
-            raise KnnlmError("--lambda auto needs a calibration: run `knnlm-vdb tune` on validation text first")
-        cal = Calibration.from_dict(extra["calibration"])
-        return cal.k, cal.temperature, "auto", cal
+    calibrated = [("calibration" in s.info.extra) for s in stores]
+    if lmbda == "auto" or (lmbda is None and k is None and temperature is None and calibrated and all(calibrated)):
+        if not all(calibrated):
+            bare = stores[calibrated.index(False)] if stores else None
+            label = getattr(bare, "domain", None) or getattr(bare, "path", None) or "the datastore"
+            raise KnnlmError(f"--lambda auto needs a calibration for every datastore, and {label} has none: "
+                             "run `knnlm-vdb tune` on validation text first")
+        cals = [Calibration.from_dict(s.info.extra["calibration"]) for s in stores]
+        return cals[0].k, cals[0].temperature, "auto", cals
     tuned = extra.get("tuned", {})
     k = k if k is not None else int(tuned.get("k", DEFAULTS["k"]))
     temperature = temperature if temperature is not None else float(tuned.get("temperature", DEFAULTS["temperature"]))

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 from knnlm_vdb.datastore.base import Datastore, merge_topk
 from knnlm_vdb.encoder import Encoder
-from knnlm_vdb.knn import check_params, interpolate, knn_target_logprobs, perplexity
+from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
+from knnlm_vdb.mixing import Mixer
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,21 @@ def search_all(stores: list[Datastore], queries: np.ndarray, k: int) -> tuple[np
 
 
 def _chain_blocks(encoder: Encoder, sequences: list[list[int]], progress):
-    for ids in sequences:
+    """(document index, block) for every block of every document, in order."""
+    for doc, ids in enumerate(sequences):
         if len(ids) >= 2:
-            yield from encoder.encode(ids, with_logprobs=True, progress=progress)
+            for block in encoder.encode(ids, with_logprobs=True, progress=progress):
+                yield doc, block
+
+
+def _calibrations(calibration, stores) -> list | None:
+    """One calibration per store: a single one serves every store (and merged search is then
+    replaced by per-domain search, each domain weighed by its own evidence)."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (list, tuple)):
+        return list(calibration)
+    return [calibration] * max(1, len(stores))
 
 
 def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: list[Datastore] | None = None,
@@ -79,58 +93,63 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
     """Score every target of ``token_ids`` (one sequence or several documents) under the LM and,
     given stores, under the kNN-LM.
 
-    With a ``calibration`` (adaptive.Calibration; ``--lambda auto``) λ is set per token from
-    the retrieval evidence, and searches the LM alone can answer are skipped; ``k`` and
+    With a ``calibration`` (adaptive.Calibration, or one per store; ``--lambda auto``) λ is set
+    per token and per domain from the retrieval evidence and the document read so far
+    (``mixing.Mixer``), and searches the LM alone can answer are skipped; ``k`` and
     ``temperature`` then come from the calibration.
     """
-    if calibration is not None:
-        k, temperature, lmbda = calibration.k, calibration.temperature, "auto"
-        check_params(k=k, temperature=temperature)
-    else:
-        check_params(lmbda=lmbda, k=k, temperature=temperature)
     stores = stores or []
+    cals = _calibrations(calibration, stores)
+    if cals is not None:
+        k, temperature, lmbda = cals[0].k, cals[0].temperature, "auto"
+        mixer = Mixer(stores, calibrations=cals) if stores else None
+    else:
+        mixer = Mixer(stores, k, temperature, lmbda)
+    if keep_neighbours and mixer is not None and len(mixer.groups) > 1:
+        raise KnnlmError("keeping neighbours needs one search group: fixed λ, or a single domain")
     sequences = [token_ids] if token_ids and isinstance(token_ids[0], int) else list(token_ids)
     n_targets = sum(max(0, len(ids) - 1) for ids in sequences)
-    lm_parts, knn_parts, lam_parts, kept = [], [], [], []
+    lm_parts, mixed_parts, lam_parts, kept = [], [], [], []
     lm_seconds = retrieval_seconds = 0.0
     searched = 0
+    trust, trust_doc = None, -1
 
     def retrieve(block):
         t = time.perf_counter()
-        n = len(block)
-        mask = np.ones(n, bool) if calibration is None else calibration.search_mask(block.lm_entropy,
-                                                                                   block.lm_max_logprob)
-        dist = np.full((n, k), np.inf, np.float32)
-        vals = np.full((n, k), -1, np.int32)
-        if mask.any():
-            dist[mask], vals[mask] = search_all(stores, block.keys[mask], k)
-        return mask, dist, vals, time.perf_counter() - t
+        found = mixer.retrieve(block.keys, mixer.search_masks(block.lm_entropy, block.lm_max_logprob))
+        return found, time.perf_counter() - t
 
     bar = tqdm(total=n_targets, unit="tok", desc="eval", disable=not show_progress, smoothing=0.1)
     wall0 = time.perf_counter()
-    pending = None  # (block, future) whose search is in flight
+    pending = None  # (doc, block, future) whose search is in flight
     with ThreadPoolExecutor(max_workers=1) as pool:
         blocks = _chain_blocks(encoder, sequences, bar)
         while True:
             t0 = time.perf_counter()
-            block = next(blocks, None)
+            item = next(blocks, None)
             lm_seconds += time.perf_counter() - t0
             if pending is not None:
-                prev, fut = pending
-                mask, dist, vals, secs = fut.result()
+                doc, prev, fut = pending
+                found, secs = fut.result()
                 retrieval_seconds += secs
-                searched += int(mask.sum())
-                knn_parts.append(knn_target_logprobs(dist, vals, prev.targets, temperature))
-                lam_parts.append(np.full(len(prev), lmbda, np.float64) if calibration is None else
-                                 calibration.lambdas(dist, prev.lm_entropy, prev.lm_max_logprob, mask))
+                searched += int(np.any([f.searched for f in found], axis=0).sum())
+                if doc != trust_doc:
+                    trust, trust_doc = mixer.new_document(), doc
+                mixed, lam, _ = mixer.score(trust, prev.targets, prev.lm_logprobs, prev.lm_entropy,
+                                            prev.lm_max_logprob, found)
+                mixed_parts.append(mixed)
+                lam_parts.append(lam)
                 if keep_neighbours:
-                    kept.append((prev.targets, prev.lm_logprobs, dist, vals, prev.lm_entropy, prev.lm_max_logprob))
+                    f = found[0]
+                    kept.append((prev.targets, prev.lm_logprobs, f.distances, f.values, prev.lm_entropy,
+                                 prev.lm_max_logprob))
                 pending = None
-            if block is None:
+            if item is None:
                 break
+            doc, block = item
             lm_parts.append(block.lm_logprobs)
             if stores:
-                pending = (block, pool.submit(retrieve, block))
+                pending = (doc, block, pool.submit(retrieve, block))
     wall = time.perf_counter() - wall0
     bar.close()
     lm_logprobs = np.concatenate(lm_parts) if lm_parts else np.zeros(0, np.float32)
@@ -139,7 +158,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
     settings = {"k": k, "temperature": temperature, "lambda": lmbda, "ctx": encoder.ctx, "stride": encoder.stride}
     if stores:
         lambdas = np.concatenate(lam_parts)
-        knnlm_ppl = perplexity(interpolate(lm_logprobs, np.concatenate(knn_parts), lambdas))
+        knnlm_ppl = perplexity(np.concatenate(mixed_parts))
         settings["searched_fraction"] = searched / max(1, len(lm_logprobs))
         settings["mean_lambda"] = float(lambdas.mean()) if len(lambdas) else None
         if keep_neighbours:

@@ -73,3 +73,50 @@ def test_mix_domains_with_one_domain_equals_interpolation_and_a_zero_weight_doma
     np.testing.assert_allclose(mix_domains(lm, [(knn, lam)]), interpolate(lm, knn, lam), rtol=1e-12)
     other = np.full(50, -np.inf)
     np.testing.assert_allclose(mix_domains(lm, [(knn, lam), (other, np.zeros(50))]), interpolate(lm, knn, lam))
+
+
+def _doc_ppl(lm, knn, lam):
+    return perplexity(interpolate(lm, knn, lam))
+
+
+def test_document_trust_learns_that_a_foreign_datastore_does_not_help():
+    """The gate trusts neighbours that never hold the target (another domain at in-domain
+    distances): per-token, that costs ×1/(1-λ); the per-document trust learns it and stays within
+    its bound (log #multiples + switching cost) of the LM alone."""
+    from knnlm_vdb.adaptive import DocumentTrust
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    lm = np.log(rng.uniform(0.05, 0.5, n))
+    knn = np.full(n, -np.inf)  # no neighbour agrees with any target
+    gate = np.full(n, 0.5)
+    base = perplexity(lm)
+    assert _doc_ppl(lm, knn, gate) > 1.9 * base
+    lam = DocumentTrust().observe(lm, knn, gate)
+    assert lam[-100:].max() < 0.01
+    assert _doc_ppl(lm, knn, lam) <= base * 1.005
+
+
+def test_document_trust_grows_where_retrieval_is_right_and_restarts_per_document():
+    from knnlm_vdb.adaptive import TRUST_SCALES, DocumentTrust
+
+    rng = np.random.default_rng(1)
+    n = 500
+    lm = np.log(rng.uniform(0.05, 0.5, n))
+    knn = np.log(rng.uniform(0.8, 1.0, n))  # neighbours almost always right
+    gate = np.full(n, 0.4)
+    trust = DocumentTrust()
+    lam = trust.observe(lm, knn, gate)
+    assert trust.expected_scale() > 0.95 * max(TRUST_SCALES)
+    assert _doc_ppl(lm, knn, lam) < _doc_ppl(lm, knn, gate) < perplexity(lm)
+    cal, _ = fit_calibration(synthetic(), k=16, temperature=1.0)
+    assert cal.new_document().expected_scale() == pytest.approx(np.mean(TRUST_SCALES))
+
+
+def test_skipped_tokens_teach_the_trust_nothing():
+    from knnlm_vdb.adaptive import DocumentTrust
+
+    trust = DocumentTrust()
+    before = trust.weights.copy()
+    lam = trust.observe(np.log(np.full(10, 0.1)), np.zeros(10), np.zeros(10))
+    assert np.all(lam == 0) and np.array_equal(trust.weights, before)

@@ -74,3 +74,26 @@ def test_tune_picks_a_setting_no_worse_than_the_base(built):
     out = tune(res.neighbours, ks=(4, 16), temperatures=(1.0, 10.0), lambdas=(0.1, 0.5))
     assert out["best"]["ppl"] == min(g["ppl"] for g in out["grid"])
     assert len(out["grid"]) == 8
+
+
+def test_adaptive_multi_domain_search_lets_a_foreign_domain_fade_out(tmp_path, llama_lm, built):
+    """Each domain gets its own λ from its own evidence: adding a foreign domain to the search
+    costs (almost) nothing, though a fixed λ on that domain alone hurts."""
+    from knnlm_vdb.adaptive import fit_calibration
+
+    enc, home, _ = built
+    rng = np.random.default_rng(0)
+    foreign_text = "".join(rng.choice(list("QWXZJKVqwxzjkv0123456789#$%&"), 1500))
+    foreign = FaissDatastore.create(tmp_path / "foreign", StoreInfo.for_encoder(enc), key_dtype="float32")
+    ingest(enc, foreign, [Document("foreign", foreign_text)], show_progress=False)
+    cals = []
+    for store, text in ((home, TINY_TEXT), (foreign, foreign_text)):  # each calibrated on its own text
+        res = evaluate(enc, enc.tokenize(text), [store], k=8, keep_neighbours=True, show_progress=False)
+        cals.append(fit_calibration(res.neighbours, k=8, temperature=1.0)[0])
+    ids = enc.tokenize(TINY_TEXT)
+    alone = evaluate(enc, ids, [home], calibration=cals[0], show_progress=False)
+    both = evaluate(enc, ids, [home, foreign], calibration=cals, show_progress=False)
+    assert alone.knnlm_ppl < alone.base_ppl
+    assert both.knnlm_ppl <= alone.knnlm_ppl * 1.02
+    foreign_fixed = evaluate(enc, ids, [foreign], k=8, temperature=1.0, lmbda=0.5, show_progress=False)
+    assert foreign_fixed.knnlm_ppl > 1.1 * foreign_fixed.base_ppl  # what a fixed λ does with it

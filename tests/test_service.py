@@ -198,6 +198,31 @@ def test_adaptive_lambda_equals_offline_evaluate(client, encoder, stores):
     assert tuned.settings.adaptive and tuned.settings.k == cal.k
 
 
+def test_adaptive_lambda_over_two_domains_equals_offline_evaluate(encoder, stores, tmp_path):
+    """Several calibrated domains: each weighed by its own evidence, online as offline."""
+    other = create_store("faiss", str(tmp_path / "other"), StoreInfo.for_encoder(encoder), key_dtype="float32",
+                         domain="other")
+    fill(other, encoder, [Document("new", NEW_TEXT)], "other")
+    valid = evaluate(encoder, encoder.tokenize(NEW_TEXT[::-1]), [other], k=32, keep_neighbours=True,
+                     show_progress=False)
+    other.set_extra("calibration", fit_calibration(valid.neighbours, 8, 5.0)[0].to_dict())
+    srv = start(encoder, {**stores, "other": other}, names=["tuned", "other", "code"])
+    try:
+        with KnnlmClient(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            r = c.score(QUERY, domains=["tuned", "other"])
+            uncalibrated = rpc_error(c.score, QUERY, domains=["tuned", "code"], adaptive=True)
+            nt = c.next_token("def add(a, b):", top_n=3, domains=["tuned", "other"])
+    finally:
+        srv.stop(1.0)
+    cals = [Calibration.from_dict(s.info.extra["calibration"]) for s in (stores["tuned"], other)]
+    offline = evaluate(encoder, encoder.tokenize(QUERY), [stores["tuned"], other], calibration=cals,
+                       show_progress=False)
+    assert r.settings.adaptive and r.knnlm_ppl == pytest.approx(offline.knnlm_ppl, rel=1e-4)
+    assert np.mean(r.lambdas) == pytest.approx(offline.settings["mean_lambda"], rel=1e-4)
+    assert uncalibrated.code() == grpc.StatusCode.FAILED_PRECONDITION and "'code'" in uncalibrated.details()
+    assert nt.settings.adaptive and len(nt.candidates) == 3 and abs(sum(c.prob for c in nt.candidates)) <= 1.0
+
+
 def test_next_token_matches_the_offline_mixture(client, encoder, stores):
     context = "def add(a, b):\n    return a "
     r = client.next_token(context, top_n=5, domains=["code"], **SETTINGS)

@@ -874,13 +874,23 @@ class MilvusDatastore(Datastore):
         """Block until the server has indexed every flushed row (benchmarks: time searches on the index)."""
         import time
 
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        last_log = start
         with _rpc(f"describe index of {self.name}", self.uri):
             physical = self._physical()
             while True:
                 state = self.client.describe_index(physical, "key")
-                if not state.get("pending_index_rows") or time.monotonic() > deadline:
+                now = time.monotonic()
+                # A 2.3 server keeps reporting pending_index_rows after the build finished, so
+                # indexed_rows reaching total_rows counts as done too.
+                indexed, total = state.get("indexed_rows"), state.get("total_rows")
+                done = not state.get("pending_index_rows") or (total and indexed is not None and indexed >= total)
+                if done or now - start > timeout_s:
                     return state
+                if now - last_log >= 30:
+                    log.info("%s: index %s, %s of %s rows indexed (%.0f s)", self.name, state.get("state"),
+                             state.get("indexed_rows"), state.get("total_rows"), now - start)
+                    last_log = now
                 time.sleep(poll_s)
 
     def set_extra(self, key: str, value) -> None:

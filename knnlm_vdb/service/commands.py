@@ -140,7 +140,8 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
         name = Path(loc).name if backend == "faiss" else loc
         if any(d.name == name for d in served):
             raise KnnlmError(f"two datastores would both be served as domain {name!r}; rename one directory")
-        dk, dt, dl, calibration = resolve_knn_settings([store], k, temperature, lmbda)
+        dk, dt, dl, calibrations = resolve_knn_settings([store], k, temperature, lmbda)
+        calibration = calibrations[0] if calibrations else None
         if calibration is not None:  # requests that set k, T or λ get the tuned fixed setting
             dk, dt, dl, _ = resolve_knn_settings([store], dk, dt, None)
         if dk > max_k:

@@ -5,8 +5,9 @@ vector database (one round trip per query). Here the windows of every request in
 go through the LM together, right-padded to one length: with causal attention a pad token
 only follows the real ones, so it cannot change their hidden states, and positions start at
 0 in every row as they do offline. The windows are the ones ``Encoder.encode`` uses and λ is
-applied as ``evaluate`` applies it (fixed, or per token from a calibration), so a text scores
-the same here as offline, up to float rounding of other batch shapes.
+applied by the same ``mixing.Mixer`` as ``evaluate`` uses (fixed, or per token and per domain
+from calibrations), so a text scores the same here as offline, up to float rounding of other
+batch shapes. Each Score request is one document for the adaptive per-document trust.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from knnlm_vdb.encoder import Encoder, sliding_windows
-from knnlm_vdb.evaluate import search_all
-from knnlm_vdb.knn import interpolate, knn_distribution, knn_target_logprobs, perplexity
+from knnlm_vdb.knn import perplexity
+from knnlm_vdb.mixing import Found, Mixer
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class DatastoreUnavailable(Exception):
 class Job:
     """One request's work. ``top_n == 0``: score every token; else the next-token distribution.
 
-    ``calibration`` (adaptive.Calibration) replaces the fixed ``lmbda`` by a per-token λ and
-    skips the searches its pre-search gate deems useless.
+    ``calibrations`` (one adaptive.Calibration per domain) replace the fixed ``lmbda`` by a
+    per-token, per-domain λ and skip the searches their pre-search gates deem useless.
     """
 
     token_ids: list[int]
@@ -49,7 +50,7 @@ class Job:
     temperature: float
     lmbda: float | None
     top_n: int = 0
-    calibration: object = None
+    calibrations: tuple | None = None
     # filled by Scorer.run
     base: np.ndarray | None = None  # score: log p_LM [n-1]; next: log p_LM over the vocabulary [V]
     knn: np.ndarray | None = None
@@ -60,6 +61,17 @@ class Job:
     _keys: list = field(default_factory=list, repr=False)
     _base: list = field(default_factory=list, repr=False)
     _feats: list = field(default_factory=list, repr=False)
+    _mixer: Mixer | None = field(default=None, repr=False)
+
+    @property
+    def mixer(self) -> Mixer:
+        if self._mixer is None:
+            self._mixer = Mixer(self.stores, self.k, self.temperature, self.lmbda, self.calibrations)
+        return self._mixer
+
+    @property
+    def adaptive(self) -> bool:
+        return self.calibrations is not None
 
     @property
     def scores_text(self) -> bool:
@@ -134,7 +146,7 @@ class Scorer:
         full_rows = {int(offsets[b]) for b, r in enumerate(batch) if r.targets is None}
         n = int(offsets[-1])
         target_lp, entropy, max_lp = np.empty(n), np.empty(n), np.empty(n)
-        need_feats = any(r.job.calibration is not None for r in batch)
+        need_feats = any(r.job.adaptive for r in batch)
         full: dict[int, np.ndarray] = {}
         with torch.inference_mode():
             keys, hidden = enc.forward(ids.to(enc.lm.device))
@@ -165,54 +177,58 @@ class Scorer:
         order = {id(r): i for i, r in enumerate(rows)}
         for batch in self._micro_batches(rows):
             self._forward(batch)
+        masks, found = [], []
         for job in jobs:  # back to document order, which sorting by length broke
             for parts in (job._keys, job._base, job._feats):
                 parts.sort(key=lambda t: order[id(t[0])])
             feats = _cat(job._feats)
-            job.searched = np.ones(len(feats), bool) if job.calibration is None else \
-                job.calibration.search_mask(feats[:, 0], feats[:, 1])
-        groups: dict[tuple, list[int]] = {}
+            masks.append(job.mixer.search_masks(feats[:, 0], feats[:, 1]))
+            job.searched = np.any(masks[-1], axis=0) if masks[-1] else np.zeros(len(feats), bool)
+            found.append([None] * len(masks[-1]))
+        # one search per (stores, k) across the batch's jobs
+        groups: dict[tuple, list[tuple[int, int]]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault((tuple(id(s) for s in job.stores), job.k), []).append(i)
+            for g, stores in enumerate(job.mixer.groups):
+                groups.setdefault((tuple(id(s) for s in stores), job.mixer.ks[g]), []).append((i, g))
         for (_, k), members in groups.items():
-            queries = [_cat(jobs[i]._keys)[jobs[i].searched] for i in members]
+            queries = [_cat(jobs[i]._keys)[masks[i][g]] for i, g in members]
             sizes = np.cumsum([0] + [len(q) for q in queries])
             dist = np.full((int(sizes[-1]), k), np.inf, np.float32)
             vals = np.full((int(sizes[-1]), k), -1, np.int32)
             if sizes[-1]:
+                i0, g0 = members[0]
                 try:
-                    dist, vals = search_all(list(jobs[members[0]].stores), np.concatenate(queries), k)
+                    dist, vals = jobs[i0].mixer.search(g0, np.concatenate(queries))
                 except Exception as exc:  # the store's failure, not the request's: report it, keep serving
-                    log.warning("search in %s failed: %s", ", ".join(jobs[members[0]].domains), exc)
-                    for i in members:
+                    names = [d for i, _ in members for d in jobs[i].domains]
+                    log.warning("search in %s failed: %s", ", ".join(dict.fromkeys(names)), exc)
+                    for i, _ in members:
                         errors[i] = DatastoreUnavailable(jobs[i].domains, exc)
                     continue
-            for j, i in enumerate(members):
-                job = jobs[i]
-                d = np.full((len(job.searched), k), np.inf, np.float32)
-                v = np.full((len(job.searched), k), -1, np.int32)
-                d[job.searched], v[job.searched] = dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]]
-                self._finish(job, d, v)
-        for job in jobs:
+            for j, (i, g) in enumerate(members):
+                mask = masks[i][g]
+                d = np.full((len(mask), k), np.inf, np.float32)
+                v = np.full((len(mask), k), -1, np.int32)
+                d[mask], v[mask] = dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]]
+                found[i][g] = Found(mask, d, v)
+        for i, job in enumerate(jobs):
+            if i not in errors:
+                self._finish(job, found[i])
             job._keys, job._base, job._feats = [], [], []
         return errors
 
     @staticmethod
-    def _finish(job: Job, dist: np.ndarray, vals: np.ndarray) -> None:
+    def _finish(job: Job, found: list[Found]) -> None:
         feats = _cat(job._feats)
-        if job.calibration is None:
-            job.lambdas = np.full(len(feats), job.lmbda, np.float64)
-        else:
-            job.lambdas = job.calibration.lambdas(dist, feats[:, 0], feats[:, 1], job.searched)
+        trust = job.mixer.new_document()  # a request is one document
         if job.scores_text:
             job.base = _cat(job._base).astype(np.float64)
             targets = np.asarray(job.token_ids[1:], dtype=np.int64)
-            job.knn = knn_target_logprobs(dist, vals, targets, job.temperature)
-            job.mixed = interpolate(job.base, job.knn, job.lambdas)
+            job.mixed, job.lambdas, job.knn = job.mixer.score(trust, targets, job.base, feats[:, 0], feats[:, 1], found)
             return
         job.base = np.asarray(job._base[0][1][0], dtype=np.float64)
-        job.knn = knn_distribution(dist[0], vals[0], len(job.base), job.temperature)
-        job.mixed = interpolate(job.base, job.knn, job.lambdas[0])
+        job.mixed, lam, job.knn = job.mixer.next_token(trust, job.base, feats[:1, 0], feats[:1, 1], found)
+        job.lambdas = np.array([lam])
         n = min(job.top_n, len(job.base))
         top = np.argpartition(-job.mixed, n - 1)[:n]
         job.top = top[np.argsort(-job.mixed[top], kind="stable")]

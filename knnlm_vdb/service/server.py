@@ -142,18 +142,22 @@ class KnnlmService(pb_grpc.KnnlmServicer):
                                                           f"{', '.join(self.domains)}")
         return [self.domains[n] for n in names]
 
-    def _settings(self, s: pb.KnnSettings, first: Domain) -> tuple[int, float, float | None, object]:
-        """-> (k, T, fixed λ or None, calibration or None), as ``resolve_knn_settings`` decides offline."""
+    def _settings(self, s: pb.KnnSettings, domains: list[Domain]) -> tuple[int, float, float | None, tuple | None]:
+        """-> (k, T, fixed λ or None, one calibration per domain or None), as ``resolve_knn_settings``
+        decides offline: adaptive λ by default when every requested domain has a calibration."""
+        first = domains[0]
         fixed = s.HasField("k") or s.HasField("temperature") or s.HasField("lmbda")
+        missing = [d.name for d in domains if d.calibration is None]
+        calibrations = tuple(d.calibration for d in domains)
         if s.HasField("adaptive") and s.adaptive:
             if fixed:
                 raise _invalid("adaptive λ uses the calibration's k and T: leave k, temperature and lmbda unset")
-            if first.calibration is None:
+            if missing:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"domain {first.name!r} has no adaptive-λ calibration; run `knnlm-vdb tune` on it")
-            return first.calibration.k, first.calibration.temperature, None, first.calibration
-        if not fixed and first.calibration is not None and not s.HasField("adaptive"):
-            return first.calibration.k, first.calibration.temperature, None, first.calibration
+                                   f"domain {missing[0]!r} has no adaptive-λ calibration; run `knnlm-vdb tune` on it")
+            return first.calibration.k, first.calibration.temperature, None, calibrations
+        if not fixed and not missing and not s.HasField("adaptive"):
+            return first.calibration.k, first.calibration.temperature, None, calibrations
         k = s.k if s.HasField("k") else first.k
         temperature = s.temperature if s.HasField("temperature") else first.temperature
         lmbda = s.lmbda if s.HasField("lmbda") else first.lmbda
@@ -190,14 +194,14 @@ class KnnlmService(pb_grpc.KnnlmServicer):
         return s
 
     def _job(self, ids, domains: list[Domain], settings, top_n: int = 0) -> Job:
-        k, temperature, lmbda, calibration = self._settings(settings, domains[0])
+        k, temperature, lmbda, calibrations = self._settings(settings, domains)
         return Job(token_ids=ids, domains=tuple(d.name for d in domains), stores=tuple(d.store for d in domains),
-                   k=k, temperature=temperature, lmbda=lmbda, top_n=top_n, calibration=calibration)
+                   k=k, temperature=temperature, lmbda=lmbda, top_n=top_n, calibrations=calibrations)
 
     @staticmethod
     def _used(job: Job) -> pb.KnnSettings:
-        lmbda = job.lmbda if job.calibration is None else float(np.mean(job.lambdas))
-        return pb.KnnSettings(k=job.k, temperature=job.temperature, lmbda=lmbda, adaptive=job.calibration is not None)
+        lmbda = float(np.mean(job.lambdas)) if job.adaptive else job.lmbda
+        return pb.KnnSettings(k=job.k, temperature=job.temperature, lmbda=lmbda, adaptive=job.adaptive)
 
     # ---- RPCs ---------------------------------------------------------------------------------
     @_rpc
@@ -210,7 +214,7 @@ class KnnlmService(pb_grpc.KnnlmServicer):
             base_logprobs=job.base.tolist(), knn_logprobs=job.knn.tolist(), logprobs=job.mixed.tolist(),
             scored_tokens=len(job.base), base_ppl=job.base_ppl, knnlm_ppl=job.knnlm_ppl,
             settings=self._used(job), domains=job.domains,
-            lambdas=job.lambdas.tolist() if job.calibration is not None else [],
+            lambdas=job.lambdas.tolist() if job.adaptive else [],
             searched_fraction=float(job.searched.mean()))
 
     @_rpc

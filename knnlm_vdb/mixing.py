@@ -1,0 +1,129 @@
+"""From LM outputs and neighbours to kNN-LM log-probabilities: the one place λ is applied.
+
+``evaluate()`` and the gRPC service both score through a ``Mixer``, so a text scores the same
+offline and online. Two modes:
+
+* **fixed λ** (the paper's kNN-LM): all domains' top-k are merged by distance into one p_kNN
+  and mixed with the LM with one λ;
+* **adaptive** (``--lambda auto``, one ``adaptive.Calibration`` per domain): each domain is
+  searched only where its pre-search gate expects help, gets its own per-token λ from its own
+  retrieval evidence and its own per-document trust (``adaptive.DocumentTrust``), and the
+  domains' p_kNN are mixed with the LM by ``adaptive.mix_domains``: a domain whose neighbours
+  do not help this document fades out by itself instead of diluting one that does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from knnlm_vdb.adaptive import LAMBDA_CAP, Calibration, DocumentTrust, mix_domains
+from knnlm_vdb.datastore.base import merge_topk
+from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.knn import check_params, interpolate, knn_distribution, knn_target_logprobs
+
+
+@dataclass
+class Found:
+    """One search group's neighbours for a run of queries (inf / -1 where it was not searched)."""
+
+    searched: np.ndarray  # bool [n]
+    distances: np.ndarray  # float32 [n, k]
+    values: np.ndarray  # int32 [n, k]
+
+
+class Mixer:
+    """Search plan and λ for a set of stores. ``groups[g]`` are searched together (merged top-k)."""
+
+    def __init__(self, stores, k: int | None = None, temperature: float | None = None, lmbda: float | None = None,
+                 calibrations: list[Calibration] | None = None):
+        self.stores = list(stores)
+        self.calibrations = list(calibrations) if calibrations is not None else None
+        if self.calibrations is not None:
+            if len(self.calibrations) != len(self.stores):
+                raise KnnlmError(f"adaptive λ needs one calibration per domain: {len(self.calibrations)} "
+                                 f"for {len(self.stores)} domain(s)")
+            for c in self.calibrations:
+                check_params(k=c.k, temperature=c.temperature)
+            self.groups = [[s] for s in self.stores]
+            self.ks = [c.k for c in self.calibrations]
+            self.temperatures = [c.temperature for c in self.calibrations]
+            self.lmbda = None
+        else:
+            check_params(lmbda=lmbda, k=k, temperature=temperature)
+            self.groups = [self.stores] if self.stores else []
+            self.ks, self.temperatures, self.lmbda = [k], [temperature], lmbda
+
+    @property
+    def adaptive(self) -> bool:
+        return self.calibrations is not None
+
+    def search_masks(self, lm_entropy, lm_max_logprob) -> list[np.ndarray]:
+        """Per group: which queries to search (all of them under a fixed λ)."""
+        if not self.adaptive:
+            return [np.ones(len(lm_entropy), bool) for _ in self.groups]
+        return [c.search_mask(lm_entropy, lm_max_logprob) for c in self.calibrations]
+
+    def search(self, g: int, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = self.ks[g]
+        return merge_topk([s.search(queries, k) for s in self.groups[g]], k)
+
+    def retrieve(self, keys: np.ndarray, masks: list[np.ndarray]) -> list[Found]:
+        out = []
+        for g, mask in enumerate(masks):
+            dist = np.full((len(keys), self.ks[g]), np.inf, np.float32)
+            vals = np.full((len(keys), self.ks[g]), -1, np.int32)
+            if mask.any():
+                dist[mask], vals[mask] = self.search(g, keys[mask])
+            out.append(Found(mask, dist, vals))
+        return out
+
+    def new_document(self) -> list[DocumentTrust] | None:
+        return [c.new_document() for c in self.calibrations] if self.adaptive else None
+
+    def score(self, trust, targets, lm_logprobs, lm_entropy, lm_max_logprob, found: list[Found]):
+        """-> (log p_kNN-LM of each target, total λ per target, log p_kNN of the first group).
+        ``trust`` (from ``new_document``) learns from these targets: pass a document's runs in order."""
+        lm = np.asarray(lm_logprobs, np.float64)
+        if not found:
+            return lm, np.zeros(len(lm)), np.full(len(lm), -np.inf)
+        knns = [knn_target_logprobs(f.distances, f.values, targets, t) for f, t in zip(found, self.temperatures)]
+        if not self.adaptive:
+            lam = np.full(len(lm), self.lmbda, np.float64)
+            return interpolate(lm, knns[0], lam), lam, knns[0]
+        parts = []
+        for f, knn, cal, doc in zip(found, knns, self.calibrations, trust):
+            gate = cal.lambdas(f.distances, lm_entropy, lm_max_logprob, f.searched)
+            parts.append((knn, doc.observe(lm, knn, gate)))
+        return mix_domains(lm, parts), np.sum([lam for _, lam in parts], axis=0), _knn_part(parts)
+
+    def next_token(self, trust, lm_logprobs, lm_entropy, lm_max_logprob, found: list[Found]):
+        """-> (log p over the vocabulary, total λ, log p_kNN of the first group) for one query.
+        With no document read yet, each domain's trust is its prior mean."""
+        lm = np.asarray(lm_logprobs, np.float64)
+        if not found:
+            return lm, 0.0, np.full(len(lm), -np.inf)
+        knns = [knn_distribution(f.distances[0], f.values[0], len(lm), t) for f, t in zip(found, self.temperatures)]
+        if not self.adaptive:
+            return interpolate(lm, knns[0], self.lmbda), float(self.lmbda), knns[0]
+        parts = []
+        for f, knn, cal, doc in zip(found, knns, self.calibrations, trust):
+            gate = float(cal.lambdas(f.distances, lm_entropy, lm_max_logprob, f.searched)[0])
+            parts.append((knn, np.full(len(lm), min(gate * doc.expected_scale(), LAMBDA_CAP))))
+        return mix_domains(lm, parts), float(sum(lam[0] for _, lam in parts)), _knn_part(parts)
+
+
+def _knn_part(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The retrieval side of a multi-domain mixture, log Σ_d (λ_d / Σλ) p_kNN_d (equal weights
+    where every λ is 0): what a response reports as p_kNN."""
+    if len(parts) == 1:
+        return np.asarray(parts[0][0], np.float64)
+    lams = np.stack([np.asarray(lam, np.float64) for _, lam in parts])
+    total = lams.sum(0)
+    weights = np.where(total > 0, lams / np.where(total > 0, total, 1.0), 1.0 / len(parts))
+    with np.errstate(divide="ignore"):
+        terms = np.log(weights) + np.stack([np.asarray(knn, np.float64) for knn, _ in parts])
+    m = terms.max(0)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return m + np.log(np.exp(terms - m).sum(0))
