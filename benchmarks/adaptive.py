@@ -87,6 +87,7 @@ def main() -> None:
     table += f"\n\nTimed on the first {runs[0]['tokens']:,} tokens of pydocs test (one process, the search of a block " \
              "overlapping the LM's next block):\n\n"
     table += markdown_table(runs, [("run", "run", ""), ("ppl", "perplexity", ".3f"), ("skipped", "searches skipped", ".0%"),
+                                   ("retrieval_seconds", "search s (CPU, overlapped)", ".1f"),
                                    ("tokens_per_s", "tokens/s", ".0f"), ("vs_fixed", "× fixed λ", ".2f"),
                                    ("vs_base_lm", "× base LM", ".2f")])
     write_results("adaptive", {"args": vars(args), "rows": rows, "timed": runs,

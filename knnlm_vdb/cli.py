@@ -172,7 +172,7 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
 @click.option("--max-tokens", type=int, default=None, help="score at most this many tokens")
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
 def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
-             k, temperature, lmbda, corpus, max_tokens, as_json):
+             k, temperature, lmbda, skip_below, corpus, max_tokens, as_json):
     """Perplexity of the base LM and the kNN-LM over the same tokens."""
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.evaluate import evaluate
@@ -191,7 +191,7 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
                 raise KnnlmError(f"no FAISS datastore at {d} (missing meta.json); build one with `knnlm-vdb build`")
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     stores = open_stores(backend, locations, uri, consistency, encoder)
-    k, temperature, lmbda, calibration = resolve_knn_settings(stores, k, temperature, lmbda)
+    k, temperature, lmbda, calibration = resolve_knn_settings(stores, k, temperature, lmbda, skip_below)
     sequences = read_token_sequences(encoder, corpus, max_tokens)
     result = evaluate(encoder, sequences, stores, k=k, temperature=temperature, lmbda=lmbda,
                       calibration=calibration, show_progress=not as_json).to_dict()

@@ -118,10 +118,10 @@ def parse_lambda(value):
         raise KnnlmError(f"--lambda must be a number in [0, 1] or 'auto', got {value!r}") from None
 
 
-def resolve_knn_settings(stores, k, temperature, lmbda):
+def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None):
     """-> (k, T, λ, calibrations). Flag or env var, else what `tune` stored with the datastores —
     adaptive λ when every datastore has a calibration (one per domain), else the first one's best
-    fixed setting — else the default."""
+    fixed setting — else the default. ``skip_below`` overrides the calibrations' search threshold."""
     from knnlm_vdb.adaptive import Calibration
     from knnlm_vdb.knn import check_params
 
@@ -135,7 +135,14 @@ def resolve_knn_settings(stores, k, temperature, lmbda):
             raise KnnlmError(f"--lambda auto needs a calibration for every datastore, and {label} has none: "
                              "run `knnlm-vdb tune` on validation text first")
         cals = [Calibration.from_dict(s.info.extra["calibration"]) for s in stores]
+        if skip_below is not None:
+            if not 0.0 <= skip_below < 1.0:
+                raise KnnlmError(f"--skip-below must be in [0, 1), got {skip_below}")
+            for c in cals:
+                c.skip_below = skip_below
         return cals[0].k, cals[0].temperature, "auto", cals
+    if skip_below is not None:
+        raise KnnlmError("--skip-below applies to adaptive λ: use it with --lambda auto (after `knnlm-vdb tune`)")
     tuned = extra.get("tuned", {})
     k = k if k is not None else int(tuned.get("k", DEFAULTS["k"]))
     temperature = temperature if temperature is not None else float(tuned.get("temperature", DEFAULTS["temperature"]))
@@ -153,6 +160,9 @@ def knn_options(f):
         click.option("--lambda", "lmbda", default=None, envvar=env_name("lambda"),
                      help="kNN weight in [0, 1], or 'auto' for a per-token λ from the tuned calibration "
                           f"[default: tuned, else {DEFAULTS['lambda']}]"),
+        click.option("--skip-below", type=float, default=None, envvar=env_name("skip_below"),
+                     help="with --lambda auto: skip the search where the pre-search gate's λ is below this; "
+                          "higher is faster and less accurate, 0 searches everywhere [default: tuned]"),
     ]):
         f = o(f)
     return f

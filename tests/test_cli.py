@@ -57,6 +57,13 @@ def test_tune_fits_an_adaptive_calibration_that_eval_uses_by_default(faiss_store
     assert out["knnlm_ppl"] < out["base_ppl"]
     fixed = json.loads(run("eval", *common, "--corpus", corpus_file, "--lambda", "0.3", "--json").output)
     assert fixed["lambda"] == 0.3 and fixed["searched_fraction"] == 1.0
+    everywhere = json.loads(run("eval", *common, "--corpus", corpus_file, "--skip-below", 0, "--json").output)
+    sparse = json.loads(run("eval", *common, "--corpus", corpus_file, "--skip-below", 0.999, "--json").output)
+    assert everywhere["searched_fraction"] == 1.0 >= out["searched_fraction"] >= sparse["searched_fraction"] == 0.0
+    assert sparse["knnlm_ppl"] == pytest.approx(sparse["base_ppl"], rel=1e-9)  # nothing searched: the LM alone
+    _fails_cleanly(run("eval", *common, "--corpus", corpus_file, "--lambda", "0.3", "--skip-below", 0.1),
+                   "--skip-below applies to adaptive λ")
+    _fails_cleanly(run("eval", *common, "--corpus", corpus_file, "--skip-below", 1.5), "--skip-below must be in [0, 1)")
 
 
 def _fails_cleanly(r, pattern):

@@ -105,7 +105,7 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
 @click.option("--milvus-token-file", type=click.Path(dir_okay=False), envvar=MILVUS_TOKEN_FILE_ENV,
               help=f"Milvus token from a file [default: ${TOKEN_ENV}]")
 def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
-          k, temperature, lmbda, host, port, health_port, max_workers, max_batch, batch_wait_ms, max_text_tokens,
+          k, temperature, lmbda, skip_below, host, port, health_port, max_workers, max_batch, batch_wait_ms, max_text_tokens,
           max_k, max_request_bytes, max_concurrent, request_timeout, grace, tls_cert, tls_key, tls_client_ca,
           token_file, write_token_file, insecure, milvus_token_file):
     """Serve Score, NextToken, Append and ListDomains over gRPC (package knnlm.v1).
@@ -140,7 +140,8 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
         name = Path(loc).name if backend == "faiss" else loc
         if any(d.name == name for d in served):
             raise KnnlmError(f"two datastores would both be served as domain {name!r}; rename one directory")
-        dk, dt, dl, calibrations = resolve_knn_settings([store], k, temperature, lmbda)
+        skip = skip_below if "calibration" in store.info.extra else None  # uncalibrated domains: fixed λ
+        dk, dt, dl, calibrations = resolve_knn_settings([store], k, temperature, lmbda, skip)
         calibration = calibrations[0] if calibrations else None
         if calibration is not None:  # requests that set k, T or λ get the tuned fixed setting
             dk, dt, dl, _ = resolve_knn_settings([store], dk, dt, None)
