@@ -50,8 +50,6 @@ def encode(enc: Encoder, ids: list[int], with_logprobs: bool):
 
 def exact_topk(keys, queries, k: int, query_batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Squared L2 top-k of every query over ``keys`` (torch tensors on one device)."""
-    import torch
-
     k = min(k, len(keys))
     key_sq = (keys * keys).sum(1)
     dists, rows = [], []

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from knnlm_vdb.datastore.base import Datastore, merge_topk
+from knnlm_vdb.datastore.base import Datastore
 from knnlm_vdb.encoder import Encoder
 from knnlm_vdb.errors import KnnlmError
 from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
@@ -62,11 +62,6 @@ class EvalResult:
             "wall_seconds": self.wall_seconds,
             **self.settings,
         }
-
-
-def search_all(stores: list[Datastore], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k over several stores (domains), merged by distance."""
-    return merge_topk([s.search(queries, k) for s in stores], k)
 
 
 def _chain_blocks(encoder: Encoder, sequences: list[list[int]], progress):

@@ -28,7 +28,7 @@ from knnlm_vdb.cli import main, resolve_knn_settings
 from knnlm_vdb.corpus import Document
 from knnlm_vdb.datastore import StoreInfo, create_store, entry_ids, open_store
 from knnlm_vdb.encoder import Encoder
-from knnlm_vdb.evaluate import evaluate, search_all
+from knnlm_vdb.evaluate import evaluate
 from knnlm_vdb.knn import interpolate, knn_distribution
 from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service.client import KnnlmClient
@@ -227,7 +227,7 @@ def test_next_token_matches_the_offline_mixture(client, encoder, stores):
     context = "def add(a, b):\n    return a "
     r = client.next_token(context, top_n=5, domains=["code"], **SETTINGS)
     key, lm = encoder.next_token(encoder.tokenize(context))
-    dist, vals = search_all([stores["code"]], key[None], SETTINGS["k"])
+    dist, vals = stores["code"].search(key[None], SETTINGS["k"])
     knn = knn_distribution(dist[0], vals[0], len(lm), SETTINGS["temperature"])
     mixed = np.exp(interpolate(lm, knn, SETTINGS["lmbda"]))
     expected = np.argsort(-mixed, kind="stable")[:5]
