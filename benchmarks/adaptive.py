@@ -9,7 +9,7 @@ datastore's own valid split, ``--lambda auto`` with the per-token gate alone, an
 Then timed ``evaluate()`` runs on a pydocs test prefix: base LM, fixed λ, and auto at its
 stored skip threshold and at higher ones (the speed/perplexity trade-off).
 
-Writes benchmarks/results/adaptive.{json,md}.
+Writes benchmarks/results/adaptive.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from knnlm_vdb.knn import perplexity
 def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--speed-tokens", type=int, default=8_000, help="pydocs test tokens for the timed evals")
-    ap.add_argument("--skip-quantiles", default="0.5,0.7", help="extra skip thresholds: quantiles of the "
+    ap.add_argument("--skip-quantiles", default="0.5,0.7,0.85,0.95", help="extra skip thresholds: quantiles of the "
                                                                 "pre-search gate's λ on pydocs valid")
     args = ap.parse_args()
     setup_logging()
@@ -90,9 +90,33 @@ def main() -> None:
                                    ("retrieval_seconds", "search s (CPU, overlapped)", ".1f"),
                                    ("tokens_per_s", "tokens/s", ".0f"), ("vs_fixed", "× fixed λ", ".2f"),
                                    ("vs_base_lm", "× base LM", ".2f")])
+    plot(runs)
     write_results("adaptive", {"args": vars(args), "rows": rows, "timed": runs,
                                "calibration": {s: c.to_dict() for s, c in cal.items()},
                                "seconds": time.perf_counter() - t_start}, table)
+
+
+def plot(runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import RESULTS
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    auto = [r for r in runs if r["run"].startswith("auto")]
+    ax.plot([r["tokens_per_s"] for r in auto], [r["ppl"] for r in auto], marker="o", label="--lambda auto, more skipping →")
+    for r in runs:
+        if not r["run"].startswith("auto"):
+            ax.scatter([r["tokens_per_s"]], [r["ppl"]], marker="s", label=r["run"])
+    ax.set_xlabel("tokens/s (pydocs test, 2 CPU cores)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "adaptive.png", dpi=110)
 
 
 if __name__ == "__main__":
