@@ -17,8 +17,8 @@ import copy
 import time
 
 import numpy as np
-from common import corpus_file, markdown_table, setup_logging, write_results
-from paper import DOMAINS, arguments, auto_scores, fit, fixed_ppl, neighbours, passes
+from common import corpus_file, markdown_table, write_results
+from paper import DOMAINS, arguments, auto_scores, fixed_ppl, neighbours, prepare
 
 from knnlm_vdb.evaluate import evaluate
 from knnlm_vdb.knn import perplexity
@@ -30,10 +30,8 @@ def main() -> None:
     ap.add_argument("--skip-quantiles", default="0.5,0.7,0.85,0.95", help="extra skip thresholds: quantiles of the "
                                                                 "pre-search gate's λ on pydocs valid")
     args = ap.parse_args()
-    setup_logging()
     t_start = time.perf_counter()
-    enc, stores, data = passes(args)
-    best, cal = fit(data)
+    enc, stores, data, best, cal = prepare(args)
 
     rows = []
     for corpus in DOMAINS:

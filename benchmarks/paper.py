@@ -138,13 +138,18 @@ def fit(data: dict) -> tuple[dict, dict]:
     return best, cal
 
 
-def main() -> None:
-    ap = arguments(__doc__)
-    args = ap.parse_args()
+def prepare(args):
+    """Logging, the cached passes and the fits both paper.py and adaptive.py start from."""
     setup_logging()
-    t_start = time.perf_counter()
     enc, stores, data = passes(args)
     best, cal = fit(data)
+    return enc, stores, data, best, cal
+
+
+def main() -> None:
+    args = arguments(__doc__).parse_args()
+    t_start = time.perf_counter()
+    enc, stores, data, best, cal = prepare(args)
 
     # 1. domain adaptation on the test splits: fixed λ, and --lambda auto
     rows = []
