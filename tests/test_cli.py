@@ -66,6 +66,20 @@ def test_tune_fits_an_adaptive_calibration_that_eval_uses_by_default(faiss_store
     _fails_cleanly(run("eval", *common, "--corpus", corpus_file, "--skip-below", 1.5), "--skip-below must be in [0, 1)")
 
 
+def test_auto_over_several_datastores_needs_every_one_calibrated(faiss_store, tiny_model_dirs, corpus_file, tmp_path):
+    model = ["--model", tiny_model_dirs["llama"], *WIN]
+    other = tmp_path / "other"
+    assert run("build", *model, "--corpus", corpus_file, "--out", other).exit_code == 0
+    assert run("tune", *model, "--datastore", faiss_store, "--valid", corpus_file, "--max-k", 16).exit_code == 0
+    both = [*model, "--datastore", faiss_store, "--datastore", other, "--corpus", corpus_file]
+    _fails_cleanly(run("eval", *both, "--lambda", "auto"), f"{other} has none: run `knnlm-vdb tune`")
+    fixed = json.loads(run("eval", *both, "--json").output)  # not all calibrated: the first's fixed setting
+    assert fixed["lambda"] != "auto"
+    assert run("tune", *model, "--datastore", other, "--valid", corpus_file, "--max-k", 16).exit_code == 0
+    auto = json.loads(run("eval", *both, "--json").output)  # all calibrated: per-domain adaptive λ
+    assert auto["lambda"] == "auto" and auto["knnlm_ppl"] < auto["base_ppl"]
+
+
 def _fails_cleanly(r, pattern):
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
