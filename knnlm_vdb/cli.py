@@ -267,8 +267,11 @@ def demo(backend, workdir, model, as_json):
         f"datastore   {r['datastore_entries']:,} entries ({r['backend']}) from {r['train_file']}",
         f"tuned on    {r['valid_tokens']:,} held-out tokens: k={r['k']} T={r['temperature']} λ={r['lambda']}",
         f"test        {r['tokens']:,} other held-out tokens",
-        f"  base LM   perplexity {r['base_ppl']:.3f}",
-        f"  kNN-LM    perplexity {r['knnlm_ppl']:.3f}  ({100 * (r['knnlm_ppl'] / r['base_ppl'] - 1):+.1f}%)",
+        f"  base LM           perplexity {r['base_ppl']:.3f}",
+        f"  kNN-LM, fixed λ   perplexity {r['knnlm_ppl']:.3f}  ({100 * (r['knnlm_ppl'] / r['base_ppl'] - 1):+.1f}%)",
+        f"  kNN-LM, λ auto    perplexity {r['auto_knnlm_ppl']:.3f}  "
+        f"({100 * (r['auto_knnlm_ppl'] / r['base_ppl'] - 1):+.1f}%, "
+        f"{100 * (1 - r['auto_searched_fraction']):.0f}% of searches skipped)",
         f"total {r['seconds']:.0f}s",
     ])
 

@@ -8,6 +8,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from knnlm_vdb.adaptive import fit_calibration
 from knnlm_vdb.corpus import read_documents
 from knnlm_vdb.datastore import StoreInfo, create_store
 from knnlm_vdb.encoder import Encoder
@@ -51,9 +52,14 @@ def run_demo(workdir: Path, backend: str = "milvus", model: str = "smollm2-135m"
     valid = evaluate(encoder, token_ids("demo_valid.jsonl"), [store], k=DEMO_MAX_K, keep_neighbours=True,
                      show_progress=show_progress)
     best = tune(valid.neighbours, ks=(8, 16, 32, 64, 128))["best"]
-    test = evaluate(encoder, token_ids("demo_test.jsonl"), [store], k=best["k"], temperature=best["temperature"],
+    test_ids = token_ids("demo_test.jsonl")
+    test = evaluate(encoder, test_ids, [store], k=best["k"], temperature=best["temperature"],
                     lmbda=best["lambda"], show_progress=show_progress).to_dict()
+    # --lambda auto: per-token, per-document λ fitted on the same held-out chapter
+    calibration, _ = fit_calibration(valid.neighbours, best["k"], best["temperature"])
+    auto = evaluate(encoder, test_ids, [store], calibration=calibration, show_progress=show_progress).to_dict()
     entries = store.count()
     store.close()
-    return {**test, "backend": backend, "datastore": str(location), "datastore_entries": entries,
+    return {**test, "auto_knnlm_ppl": auto["knnlm_ppl"], "auto_searched_fraction": auto["searched_fraction"],
+            "backend": backend, "datastore": str(location), "datastore_entries": entries,
             "train_file": train.name, "valid_tokens": valid.tokens, "seconds": time.perf_counter() - t0}
