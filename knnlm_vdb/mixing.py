@@ -31,6 +31,15 @@ class Found:
     distances: np.ndarray  # float32 [n, k]
     values: np.ndarray  # int32 [n, k]
 
+    @classmethod
+    def place(cls, searched: np.ndarray, k: int, distances=None, values=None) -> "Found":
+        """The neighbours of the searched queries (rows in order) at their places among all ``n``."""
+        dist = np.full((len(searched), k), np.inf, np.float32)
+        vals = np.full((len(searched), k), -1, np.int32)
+        if distances is not None:
+            dist[searched], vals[searched] = distances, values
+        return cls(searched, dist, vals)
+
 
 class Mixer:
     """Search plan and λ for a set of stores. ``groups[g]`` are searched together (merged top-k)."""
@@ -69,14 +78,8 @@ class Mixer:
         return merge_topk([s.search(queries, k) for s in self.groups[g]], k)
 
     def retrieve(self, keys: np.ndarray, masks: list[np.ndarray]) -> list[Found]:
-        out = []
-        for g, mask in enumerate(masks):
-            dist = np.full((len(keys), self.ks[g]), np.inf, np.float32)
-            vals = np.full((len(keys), self.ks[g]), -1, np.int32)
-            if mask.any():
-                dist[mask], vals[mask] = self.search(g, keys[mask])
-            out.append(Found(mask, dist, vals))
-        return out
+        return [Found.place(mask, self.ks[g], *(self.search(g, keys[mask]) if mask.any() else ()))
+                for g, mask in enumerate(masks)]
 
     def new_document(self) -> list[DocumentTrust] | None:
         return [c.new_document() for c in self.calibrations] if self.adaptive else None

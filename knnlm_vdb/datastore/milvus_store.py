@@ -889,7 +889,7 @@ class MilvusDatastore(Datastore):
                     return state
                 if now - last_log >= 30:
                     log.info("%s: index %s, %s of %s rows indexed (%.0f s)", self.name, state.get("state"),
-                             state.get("indexed_rows"), state.get("total_rows"), now - start)
+                             indexed, total, now - start)
                     last_log = now
                 time.sleep(poll_s)
 

@@ -206,11 +206,7 @@ class Scorer:
                         errors[i] = DatastoreUnavailable(jobs[i].domains, exc)
                     continue
             for j, (i, g) in enumerate(members):
-                mask = masks[i][g]
-                d = np.full((len(mask), k), np.inf, np.float32)
-                v = np.full((len(mask), k), -1, np.int32)
-                d[mask], v[mask] = dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]]
-                found[i][g] = Found(mask, d, v)
+                found[i][g] = Found.place(masks[i][g], k, dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]])
         for i, job in enumerate(jobs):
             if i not in errors:
                 self._finish(job, found[i])
