@@ -24,6 +24,38 @@ from knnlm_vdb.evaluate import evaluate
 from knnlm_vdb.knn import perplexity
 
 
+def do_no_harm_rows(data: dict, best: dict, cal: dict, entries: dict | None = None) -> list[dict]:
+    """Per test text: each datastore under fixed λ, the gate alone and --lambda auto, then both
+    datastores with per-domain λ; Δ% against the base LM. ``entries``: datastore sizes to report."""
+    rows = []
+    for corpus in DOMAINS:
+        test = data[corpus, "test"]
+        base = perplexity(test["lm_logprobs"])
+        for store in (corpus, *[s for s in DOMAINS if s != corpus]):
+            gate_only, _ = auto_scores(test, [store], [cal[store]], trust=False)
+            auto, skipped = auto_scores(test, [store], [cal[store]])
+            rows.append({"test": corpus, "datastore": store, "entries": (entries or {}).get(store),
+                         "relation": "in-domain" if store == corpus else "cross-domain", "base": base,
+                         "fixed": fixed_ppl(neighbours(test, store), best[store, store]), "gate_only": gate_only,
+                         "auto": auto, "skipped": skipped})
+        auto, skipped = auto_scores(test, list(DOMAINS), [cal[s] for s in DOMAINS])
+        rows.append({"test": corpus, "datastore": "both", "relation": "per-domain λ", "base": base,
+                     "auto": auto, "skipped": skipped})
+    for r in rows:
+        for key in ("fixed", "gate_only", "auto"):
+            if r.get(key) is not None:
+                r[f"{key}_delta"] = 100 * (r[key] / r["base"] - 1)
+    return rows
+
+
+def row_columns(entries: bool = False) -> list[tuple[str, str, str]]:
+    return [("test", "test text", ""), ("datastore", "datastore", ""), *([("entries", "entries", ",")] if entries else []),
+            ("relation", "", ""), ("base", "base LM", ".3f"), ("fixed", "fixed λ (own valid)", ".3f"),
+            ("fixed_delta", "Δ%", "+.2f"), ("gate_only", "auto, gate only", ".3f"),
+            ("gate_only_delta", "Δ%", "+.2f"), ("auto", "--lambda auto", ".3f"),
+            ("auto_delta", "Δ%", "+.2f"), ("skipped", "searches skipped", ".0%")]
+
+
 def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--speed-tokens", type=int, default=8_000, help="pydocs test tokens for the timed evals")
@@ -33,23 +65,7 @@ def main() -> None:
     t_start = time.perf_counter()
     enc, stores, data, best, cal = prepare(args)
 
-    rows = []
-    for corpus in DOMAINS:
-        test = data[corpus, "test"]
-        base = perplexity(test["lm_logprobs"])
-        for store in (corpus, *[s for s in DOMAINS if s != corpus]):
-            gate_only, _ = auto_scores(test, [store], [cal[store]], trust=False)
-            auto, skipped = auto_scores(test, [store], [cal[store]])
-            rows.append({"test": corpus, "datastore": store, "relation": "in-domain" if store == corpus else "cross-domain",
-                         "base": base, "fixed": fixed_ppl(neighbours(test, store), best[store, store]),
-                         "gate_only": gate_only, "auto": auto, "skipped": skipped})
-        auto, skipped = auto_scores(test, list(DOMAINS), [cal[s] for s in DOMAINS])
-        rows.append({"test": corpus, "datastore": "both", "relation": "per-domain λ", "base": base,
-                     "auto": auto, "skipped": skipped})
-    for r in rows:
-        for key in ("fixed", "gate_only", "auto"):
-            if r.get(key) is not None:
-                r[f"{key}_delta"] = 100 * (r[key] / r["base"] - 1)
+    rows = do_no_harm_rows(data, best, cal)
 
     # timed: the skip threshold trades searches for perplexity
     valid = data["pydocs", "valid"]
@@ -77,11 +93,7 @@ def main() -> None:
         r["vs_base_lm"] = r["tokens_per_s"] / base_speed
         r["skipped"] = 1 - r["searched_fraction"] if "searched_fraction" in r else None
 
-    table = markdown_table(rows, [("test", "test text", ""), ("datastore", "datastore", ""), ("relation", "", ""),
-                                  ("base", "base LM", ".3f"), ("fixed", "fixed λ (own valid)", ".3f"),
-                                  ("fixed_delta", "Δ%", "+.2f"), ("gate_only", "auto, gate only", ".3f"),
-                                  ("gate_only_delta", "Δ%", "+.2f"), ("auto", "--lambda auto", ".3f"),
-                                  ("auto_delta", "Δ%", "+.2f"), ("skipped", "searches skipped", ".0%")])
+    table = markdown_table(rows, row_columns())
     table += f"\n\nTimed on the first {runs[0]['tokens']:,} tokens of pydocs test (one process, the search of a block " \
              "overlapping the LM's next block):\n\n"
     table += markdown_table(runs, [("run", "run", ""), ("ppl", "perplexity", ".3f"), ("skipped", "searches skipped", ".0%"),

@@ -15,13 +15,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from common import RESULTS, corpus_file, markdown_table, setup_logging, write_results
 from key_types import encode, exact_topk
-from paper import DOMAINS, K, auto_scores, fit, fixed_ppl, neighbours
+from adaptive import do_no_harm_rows, row_columns
+from paper import DOMAINS, K, fit
 
 from knnlm_vdb.encoder import Encoder
-from knnlm_vdb.knn import perplexity
 from knnlm_vdb.lm import load_lm
 
 
@@ -66,29 +65,8 @@ def main() -> None:
     timings["search_done_s"] = time.perf_counter() - t_start
     best, cal = fit(data)
 
-    rows = []
-    for corpus in DOMAINS:
-        test = data[corpus, "test"]
-        base = perplexity(test["lm_logprobs"])
-        for store in (corpus, *[s for s in DOMAINS if s != corpus]):
-            gate_only, _ = auto_scores(test, [store], [cal[store]], trust=False)
-            auto, skipped = auto_scores(test, [store], [cal[store]])
-            rows.append({"test": corpus, "datastore": store, "entries": len(stores[store]["targets"]),
-                         "relation": "in-domain" if store == corpus else "cross-domain", "base": base,
-                         "fixed": fixed_ppl(neighbours(test, store), best[store, store]), "gate_only": gate_only,
-                         "auto": auto, "skipped": skipped})
-        auto, skipped = auto_scores(test, list(DOMAINS), [cal[s] for s in DOMAINS])
-        rows.append({"test": corpus, "datastore": "both", "relation": "per-domain λ", "base": base,
-                     "auto": auto, "skipped": skipped})
-    for r in rows:
-        for key in ("fixed", "gate_only", "auto"):
-            if r.get(key) is not None:
-                r[f"{key}_delta"] = 100 * (r[key] / r["base"] - 1)
-    table = markdown_table(rows, [("test", "test text", ""), ("datastore", "datastore", ""), ("entries", "entries", ","),
-                                  ("relation", "", ""), ("base", "base LM", ".3f"), ("fixed", "fixed λ (own valid)", ".3f"),
-                                  ("fixed_delta", "Δ%", "+.2f"), ("gate_only", "auto, gate only", ".3f"),
-                                  ("gate_only_delta", "Δ%", "+.2f"), ("auto", "--lambda auto", ".3f"),
-                                  ("auto_delta", "Δ%", "+.2f"), ("skipped", "searches skipped", ".0%")])
+    rows = do_no_harm_rows(data, best, cal, entries={name: len(st["targets"]) for name, st in stores.items()})
+    table = markdown_table(rows, row_columns(entries=True))
     write_results("adaptive-full", {"args": vars(args), "device": enc.lm.device, "rows": rows, "timings": timings,
                                     "tuned": {f"{s}|{c}": v for (s, c), v in best.items()},
                                     "calibration": {s: c.to_dict() for s, c in cal.items()},
