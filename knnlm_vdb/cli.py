@@ -20,7 +20,7 @@ from knnlm_vdb import __version__
 from knnlm_vdb.cli_common import (emit, index_summary, knn_options, location_options, make_encoder, milvus_options,
                                   model_options, open_stores, opt, parse_lambda, read_token_sequences,
                                   resolve_knn_settings, resolve_locations)
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import KnnlmError, classify
 
 log = logging.getLogger("knnlm_vdb")
 
@@ -30,7 +30,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KnnlmError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(classify(exc)[0])
 
 
 
