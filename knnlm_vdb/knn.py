@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import InvalidInput, KnnlmError
 
 
 def check_params(lmbda: float | None = None, k: int | None = None, temperature: float | None = None) -> None:
     """Reject settings that would silently give nonsense."""
     if lmbda is not None and not 0.0 <= lmbda <= 1.0:
-        raise KnnlmError(f"--lambda must be in [0, 1], got {lmbda}")
+        raise InvalidInput(f"--lambda must be in [0, 1], got {lmbda}")
     if k is not None and k < 1:
-        raise KnnlmError(f"--k must be a positive integer, got {k}")
+        raise InvalidInput(f"--k must be a positive integer, got {k}")
     if temperature is not None and not temperature > 0:
-        raise KnnlmError(f"--temperature must be positive, got {temperature}")
+        raise InvalidInput(f"--temperature must be positive, got {temperature}")
 
 
 def _neighbour_logits(distances: np.ndarray, values: np.ndarray, temperature: float) -> np.ndarray:
