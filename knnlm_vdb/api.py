@@ -147,8 +147,9 @@ class KnnLM:
                        lmbda if lmbda is not None else d["lmbda"],
                        skip_below if skip_below is not None else d["skip_below"])
 
-    def mixer(self, **knn) -> Mixer:
-        return Mixer.for_settings(self.stores, self.settings(**knn))
+    def mixer(self, settings=None, **knn) -> Mixer:
+        """The search plan for ``settings`` (a resolved ``Fixed | Adaptive``), else for these overrides."""
+        return Mixer.for_settings(self.stores, settings if settings is not None else self.settings(**knn))
 
     # ---- scoring ----------------------------------------------------------------------------------
     def evaluate(self, sequences, show_progress: bool = False, keep_neighbours: bool = False, **knn):
@@ -180,24 +181,25 @@ class KnnLM:
             neighbours=self.provenance(n)(t["keys"]) if n and self.stores else None)
 
     # ---- generation -------------------------------------------------------------------------------
-    def logits_processor(self, prompt_lengths=None, neighbours: bool | int = False, **knn):
+    def logits_processor(self, prompt_lengths=None, neighbours: bool | int = False, settings=None, **knn):
         """A ``transformers`` logits processor for one ``model.generate`` call on ``self.model``."""
         from knnlm_vdb.generate import KnnLogitsProcessor
 
         n = _neighbour_count(neighbours)
-        mixer = self.mixer(**knn) if self.stores else Mixer([], 1, 1.0, 0.0)
+        mixer = self.mixer(settings, **knn) if self.stores else Mixer([], 1, 1.0, 0.0)
         return KnnLogitsProcessor(self.encoder, mixer, prompt_lengths=prompt_lengths, neighbours=n,
                                   provenance=self.provenance(n) if n else None)
 
     def generate(self, prompt, max_new_tokens: int = 64, do_sample: bool = False, temperature_lm: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, num_beams: int = 1, seed: int | None = None,
                  stop: list[str] | tuple = (), neighbours: bool | int = False, on_step=None, cancel=None,
-                 **knn):
+                 settings=None, **knn):
         """Continue ``prompt`` (a string, token ids, or a list of strings for a batch) with kNN-LM decoding.
 
         -> ``Generation`` (a list for a list of prompts). Greedy by default; ``do_sample`` with
         ``temperature_lm``/``top_k``/``top_p``; ``num_beams`` > 1 for beam search (no per-token steps).
-        ``on_step(steps)`` is called after each token; ``cancel`` (a ``threading.Event``) stops early.
+        ``on_step(steps)`` is called after each token; ``cancel`` (a ``threading.Event``) stops early;
+        ``settings`` (a resolved ``Fixed | Adaptive``) replaces the keyword overrides.
         The prompt keeps its last ``ctx`` tokens, the context the datastore's keys were built with."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -217,9 +219,10 @@ class KnnLM:
         for b, p in enumerate(prompts):  # left padding: every row's last token is its real last token
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
-        settings = self.settings(**knn).to_dict() if self.stores else {}
+        if self.stores and settings is None:
+            settings = self.settings(**knn)
         proc = self.logits_processor(prompt_lengths=[n for n in lengths for _ in range(num_beams)],
-                                     neighbours=neighbours, **knn)
+                                     neighbours=neighbours, settings=settings)
         stops = StopSequences(self.tokenizer, list(stop), width)
         criteria = StoppingCriteriaList([stops] + ([Cancelled(cancel)] if cancel is not None else []))
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
@@ -243,7 +246,7 @@ class KnnLM:
             if stopped is not None:
                 text = text[:text.index(stopped)]
             results.append(Generation(text=text, token_ids=new, steps=steps,
-                                      settings=settings, stopped_by=stopped))
+                                      settings=settings.to_dict() if settings else {}, stopped_by=stopped))
         return results if batch else results[0]
 
     def stream(self, prompt, **kwargs):
