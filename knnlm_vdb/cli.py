@@ -152,7 +152,7 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     if backend == "milvus":
         from knnlm_vdb.datastore import StoreInfo
-        from knnlm_vdb.datastore.milvus_store import MilvusDatastore
+        from knnlm_vdb.datastore.milvus.store import MilvusDatastore
 
         itype = index.upper()
         store = MilvusDatastore.open_or_create(

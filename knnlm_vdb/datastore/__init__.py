@@ -21,7 +21,7 @@ def open_store(backend: str, location: str, domain: str = "default", **options) 
         from knnlm_vdb.datastore.faiss_store import FaissDatastore
 
         return FaissDatastore(location)
-    from knnlm_vdb.datastore.milvus_store import MilvusDatastore
+    from knnlm_vdb.datastore.milvus.store import MilvusDatastore
 
     return MilvusDatastore.open(location, domain, **options)
 
@@ -33,6 +33,6 @@ def create_store(backend: str, location: str, info: StoreInfo, domain: str = "de
         from knnlm_vdb.datastore.faiss_store import FaissDatastore
 
         return FaissDatastore.create(location, info, domain=domain, **options)
-    from knnlm_vdb.datastore.milvus_store import MilvusDatastore
+    from knnlm_vdb.datastore.milvus.store import MilvusDatastore
 
     return MilvusDatastore.create(location, domain, info, **options)

@@ -24,21 +24,13 @@ import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
 from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "ivfpq")
 _KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _gpu_resources():
