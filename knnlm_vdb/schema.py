@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 from types import ModuleType
 
 from knnlm_vdb.datastore.milvus.catalog import domain_collections
-from knnlm_vdb.datastore.milvus.connection import connect, deployment_of, redact_uri, rpc
+from knnlm_vdb.datastore.milvus.connection import (check_lite_location, connect, deployment_of, is_lite_database,
+                                                   redact_uri, rpc)
 from knnlm_vdb.datastore.milvus.naming import SCHEMA_COLLECTION
 from knnlm_vdb.datastore.milvus.versions import (check_schema_version, create_schema_collection, migration_names,
                                                  read_schema_state, write_schema_state)
@@ -183,7 +184,8 @@ def preflight(uri: str, token: str | None = None, timeout: float | None = None) 
 
     Returns the recorded version (0: none, or no Lite file yet).
     """
-    if _lite_missing(uri):
+    if deployment_of(uri) == "lite" and not is_lite_database(uri):
+        check_lite_location(uri, create=True)  # a path append cannot create a database at fails now
         return 0
     client = connect(uri, token, timeout, None, must_exist=True)
     try:

@@ -277,12 +277,12 @@ def test_domains_list_describe_drop(uri):
 
 
 def test_a_second_process_on_a_lite_file_gets_a_clear_error(tmp_path):
-    """Milvus Lite locks its database directory: one process at a time, until that process exits."""
+    """Milvus Lite locks its database directory: one process at a time, until that process exits (exit 3: retry later)."""
     db = str(tmp_path / "knnlm.db")
     make_domain(db, "docs", n=5)  # this process now holds the lock
     r = subprocess.run([sys.executable, "-m", "knnlm_vdb", "domains", "list", "--uri", db],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "open in another process" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 3 and "open in another process" in r.stderr, r.stderr[-2000:]
 
 
 def test_schema_record_is_not_visible_as_a_domain(uri):

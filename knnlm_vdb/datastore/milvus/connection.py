@@ -7,7 +7,11 @@ never logged. Connecting gives up after ``timeout`` seconds (default 10).
 
 Milvus Lite locks its database directory for the life of the process that opened it (pymilvus
 keeps the embedded server running after ``close()``), so one process at a time uses a Lite
-file, and it forgets which collections were loaded when that process exits.
+file, and it forgets which collections were loaded when that process exits. Lite creates its
+directories inside whatever path it is given, so a Lite path is checked before Lite sees it:
+only commands that create a database (``must_exist=False``) may create one, and never inside a
+file or a foreign directory; a failed open is explained in one line (locked, read-only, not a
+database) while milvus-lite's own traceback is kept off the terminal.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from urllib.parse import urlparse, urlunparse
 
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import BackendUnavailable, InvalidInput, KnnlmError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +37,13 @@ _quiet_saved: list[int] = []
 def deployment_of(uri: str) -> str:
     """``lite`` for a local ``.db`` path, ``server`` for an http(s)/tcp URI; anything else is refused."""
     if not isinstance(uri, str) or not uri:
-        raise KnnlmError("empty Milvus --uri: use a local path ending in .db (Milvus Lite) or http://host:19530")
+        raise InvalidInput("empty Milvus --uri: use a local path ending in .db (Milvus Lite) or http://host:19530")
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("http", "https", "tcp"):
         return "server"
     if uri.endswith(".db") and (not scheme or len(scheme) == 1):  # len 1: a Windows drive letter
         return "lite"
-    raise KnnlmError(f"Milvus --uri {uri!r} must be a local path ending in .db (Milvus Lite) "
+    raise InvalidInput(f"Milvus --uri {uri!r} must be a local path ending in .db (Milvus Lite) "
                      f"or a server address such as http://localhost:19530")
 
 
@@ -55,7 +59,11 @@ def redact_uri(uri: str) -> str:
 
 def connect(uri: str, token: str | None = None, timeout: float | None = None, db_name: str | None = None,
             must_exist: bool = True):
-    """A ``MilvusClient`` for ``uri``, or a ``KnnlmError`` within about ``timeout`` seconds."""
+    """A ``MilvusClient`` for ``uri``, or a one-line ``KnnlmError`` within about ``timeout`` seconds.
+
+    ``must_exist=False`` (build, append, migrate) may create a Milvus Lite database; every other
+    caller only opens one that is there, and creates nothing.
+    """
     from pymilvus import MilvusClient
     from pymilvus.exceptions import MilvusException
 
@@ -63,25 +71,108 @@ def connect(uri: str, token: str | None = None, timeout: float | None = None, db
     timeout = DEFAULT_CONNECT_TIMEOUT if timeout is None else float(timeout)
     shown = redact_uri(uri)
     if deployment == "lite":
-        parent = os.path.dirname(os.path.abspath(uri))
-        if must_exist and not os.path.exists(uri):
-            raise KnnlmError(f"no Milvus Lite database at {uri}; build one first (or check --uri)")
-        os.makedirs(parent, exist_ok=True)
+        check_lite_location(uri, create=not must_exist)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot create a Milvus Lite database at {uri}: {exc.strerror}") from None
     try:
         # Milvus Lite starts its embedded server on the first connection to a file; two threads doing
         # that at once both try to lock the file and one fails, so Lite connections are made one at a time
-        with _LITE_CONNECT_LOCK if deployment == "lite" else nullcontext():
+        with _LITE_CONNECT_LOCK if deployment == "lite" else nullcontext(), lite_errors() as lite_failures:
             client = MilvusClient(uri=uri, token=token or "", db_name=db_name or "", timeout=timeout)
     except MilvusException as exc:
-        if deployment == "lite" and lite_locked(uri):
-            raise KnnlmError(f"the Milvus Lite database {uri} is open in another process; Milvus Lite allows one "
-                             f"process per database file (use a Milvus server for concurrent readers and "
-                             f"writers)") from None
-        raise KnnlmError(f"cannot connect to Milvus at {shown} within {timeout:g}s: {exc.message}") from None
+        if deployment == "lite":
+            raise lite_open_error(uri, lite_failures) from None
+        raise BackendUnavailable(f"cannot connect to Milvus at {shown} within {timeout:g}s: {exc.message}") from None
     except Exception as exc:  # grpc/URI errors that pymilvus does not wrap
-        raise KnnlmError(f"cannot connect to Milvus at {shown}: {exc}") from None
+        raise BackendUnavailable(f"cannot connect to Milvus at {shown}: {exc}") from None
     log.debug("connected to Milvus at %s", shown)
     return client
+
+
+def is_lite_database(path: str) -> bool:
+    """Whether ``path`` is a Milvus Lite (3.x) database: a directory with its two subdirectories."""
+    return all(os.path.isdir(os.path.join(path, d)) for d in ("collections", "databases"))
+
+
+def check_lite_location(uri: str, create: bool) -> None:
+    """Refuse, before Milvus Lite touches anything, a path this command must not open or create.
+
+    Lite keeps a database in a directory and makes its subdirectories in any directory it is given,
+    so a path that is not already a Lite database is only used by a command that creates one
+    (``create``), and only when it is new or an empty directory.
+    """
+    path = os.path.abspath(uri)
+    if os.path.isdir(path):
+        if is_lite_database(path):
+            if not os.access(path, os.W_OK):
+                raise BackendUnavailable(f"the Milvus Lite database {uri} is in a read-only location; Milvus Lite "
+                                         f"needs write access even to read (copy it somewhere writable)")
+            return
+        if not create:
+            raise InvalidInput(f"{uri} is a directory but not a Milvus Lite database; check --uri")
+        if os.listdir(path):
+            raise InvalidInput(f"{uri} is a directory holding other files, not a Milvus Lite database; "
+                               f"use a new path for --uri")
+        writable = path
+    elif os.path.lexists(path):
+        raise InvalidInput(f"{uri} is a file, not a Milvus Lite database (Milvus Lite keeps a database in a "
+                           f"directory); check --uri")
+    elif not create:
+        raise NotFound(f"no Milvus Lite database at {uri}; build one first (or check --uri)")
+    else:
+        writable = os.path.dirname(path)
+        while not os.path.lexists(writable):
+            writable = os.path.dirname(writable)
+        if not os.path.isdir(writable):
+            raise InvalidInput(f"cannot create a Milvus Lite database at {uri}: {writable} is a file, "
+                               f"not a directory")
+    if not os.access(writable, os.W_OK):
+        raise BackendUnavailable(f"cannot create a Milvus Lite database at {uri}: {writable} is read-only")
+
+
+class _Collect(logging.Handler):
+    def __init__(self, records: list):
+        super().__init__(logging.ERROR)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def lite_errors():
+    """Collect milvus-lite's error records (it logs a traceback when it cannot start) instead of
+    printing them: ``connect`` turns them into one line."""
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("milvus_lite")
+    handler, propagate = _Collect(records), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def lite_open_error(uri: str, records: list) -> KnnlmError:
+    """One line saying why Milvus Lite could not open ``uri`` (from the errors it logged)."""
+    import errno
+
+    cause = next((r.exc_info[1] for r in reversed(records) if r.exc_info and r.exc_info[1]), None)
+    if type(cause).__name__ == "DataDirLockedError" or lite_locked(uri):
+        return BackendUnavailable(f"the Milvus Lite database {uri} is open in another process; Milvus Lite allows "
+                                  f"one process per database file (use a Milvus server for concurrent readers and "
+                                  f"writers)")
+    if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return BackendUnavailable(f"cannot open the Milvus Lite database {uri}: it is in a read-only location "
+                                  f"({cause.strerror}); Milvus Lite needs write access even to read")
+    if isinstance(cause, OSError):
+        return BackendUnavailable(f"cannot open the Milvus Lite database {uri}: {cause.strerror or cause}")
+    detail = f": {cause}" if cause is not None else ""
+    return BackendUnavailable(f"cannot open the Milvus Lite database {uri}{detail}")
 
 
 def lite_locked(uri: str) -> bool:

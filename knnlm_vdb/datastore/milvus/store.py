@@ -22,8 +22,8 @@ import numpy as np
 
 from knnlm_vdb.datastore.base import Datastore, StoreInfo, pad_results
 from knnlm_vdb.datastore.milvus.catalog import NoSuchDomain, count_rows, no_such_domain, read_meta
-from knnlm_vdb.datastore.milvus.connection import (connect, deployment_of, ensure_loaded, redact_uri, rpc,
-                                                   wait_for_index)
+from knnlm_vdb.datastore.milvus.connection import (connect, deployment_of, ensure_loaded, is_lite_database, redact_uri,
+                                                   rpc, wait_for_index)
 from knnlm_vdb.datastore.milvus.create import ALIAS_WAIT_S, create_domain
 from knnlm_vdb.datastore.milvus.index import MAX_NQ, IndexConfig, check_consistency, validate_index
 from knnlm_vdb.datastore.milvus.ledger import MilvusLedger
@@ -130,10 +130,8 @@ class MilvusDatastore(Datastore):
         For an existing domain only the connection options, ``consistency`` and ``k`` apply; its
         stored index stays as it is.
         """
-        import os
-
         reopen = {k: v for k, v in options.items() if k in _REOPEN}
-        if deployment_of(uri) == "server" or os.path.exists(uri):
+        if deployment_of(uri) == "server" or is_lite_database(uri):
             try:
                 return cls.open(uri, domain, **reopen)
             except NoSuchDomain:
