@@ -51,11 +51,9 @@ def _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard, r
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.ingest import ingest
 
-    domain = location if backend == "milvus" else store.describe().get("domain", "default")
-    report = ingest(encoder, store, read_corpora(corpus), domain=domain, max_tokens=max_tokens,
+    report = ingest(encoder, store, read_corpora(corpus), domain=store.domain, max_tokens=max_tokens,
                     show_progress=not as_json, shard=shard, replace=replace)
-    if backend == "faiss" and store.index_spec["type"] == "ivfpq" and not (Path(location) / "index.faiss").exists():
-        store.train()
+    store.finalize()
     desc = store.describe()
     store.close()
     lines = [

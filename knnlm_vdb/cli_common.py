@@ -131,7 +131,7 @@ def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None):
     if lmbda == "auto" or (lmbda is None and k is None and temperature is None and calibrated and all(calibrated)):
         if not all(calibrated):
             bare = stores[calibrated.index(False)] if stores else None
-            label = getattr(bare, "domain", None) or getattr(bare, "path", None) or "the datastore"
+            label = bare.location if bare is not None else "the datastore"
             raise KnnlmError(f"--lambda auto needs a calibration for every datastore, and {label} has none: "
                              "run `knnlm-vdb tune` on validation text first")
         cals = [Calibration.from_dict(s.info.extra["calibration"]) for s in stores]

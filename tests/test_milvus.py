@@ -17,18 +17,10 @@ from knnlm_vdb.datastore.base import MISSING_VALUE, StoreInfo, entry_ids
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
 from knnlm_vdb.datastore.milvus import MilvusDatastore, drop_domain, list_domains, redact_uri, validate_index
 from knnlm_vdb.datastore.milvus.store import BYTES_PER_HIT
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import BackendUnavailable, KnnlmError
 
 DIM = STORE_DIM
 INFO = store_info()
-
-
-@pytest.fixture(params=["lite", "server"])
-def uri(request, tmp_path):
-    """Where the store lives: a fresh Milvus Lite file, or the session's Milvus server."""
-    if request.param == "lite":
-        return str(tmp_path / "knnlm.db")
-    return request.getfixturevalue("milvus_server").uri
 
 
 @pytest.fixture()
@@ -105,7 +97,7 @@ def test_uri_domain_and_option_errors(tmp_path):
 
 def test_unreachable_server_fails_fast():
     t = time.perf_counter()
-    with pytest.raises(KnnlmError, match=r"cannot connect to Milvus at http://127\.0\.0\.1:1\b"):
+    with pytest.raises(BackendUnavailable, match=r"cannot connect to Milvus at http://127\.0\.0\.1:1\b"):
         open_store("milvus", "http://127.0.0.1:1", domain="x", timeout=5, token="s3cret")
     with pytest.raises(KnnlmError, match="cannot connect") as info:
         list_domains("http://127.0.0.1:1", timeout=5, token="s3cret")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import STORE_DIM, server_database, store_info
+from conftest import STORE_DIM, store_info
 from knnlm_vdb.cli import main
 from knnlm_vdb.datastore import open_store
 from knnlm_vdb.datastore.base import entry_ids
@@ -28,14 +28,6 @@ from knnlm_vdb.schema import migrate, migrations, status
 
 DIM = STORE_DIM
 INFO = store_info()
-
-
-@pytest.fixture(params=["lite", "server"])
-def uri(request, tmp_path):
-    if request.param == "lite":
-        yield str(tmp_path / "knnlm.db")
-    else:
-        yield from server_database(request.getfixturevalue("milvus_server").uri)
 
 
 def cli(*args, code=0, input=None):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import Incompatible, KnnlmError, NotFound
 from knnlm_vdb.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -75,14 +75,14 @@ class FaissDatastore(Datastore):
         _recover_interrupted_swap(self.path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise KnnlmError(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
+            raise NotFound(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
         try:
             self.meta = json.loads(meta_path.read_text())
             self.info = StoreInfo.from_dict(self.meta["info"])
         except (ValueError, KeyError) as exc:
-            raise KnnlmError(f"corrupt datastore metadata at {meta_path}: {exc}") from None
+            raise Incompatible(f"corrupt datastore metadata at {meta_path}: {exc}") from None
         if self.meta.get("format_version", 0) > FORMAT_VERSION:
-            raise KnnlmError(f"datastore {self.path} has format {self.meta['format_version']}, newer than this "
+            raise Incompatible(f"datastore {self.path} has format {self.meta['format_version']}, newer than this "
                              f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
         self.key_dtype = _KEY_DTYPES[self.meta["key_dtype"]]
         self._index = None
@@ -122,6 +122,14 @@ class FaissDatastore(Datastore):
         return cls(path)
 
     # ---- raw rows -------------------------------------------------------------------------
+    @property
+    def domain(self) -> str:
+        return self.meta.get("domain", "default")
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     @property
     def dim(self) -> int:
         return self.info.dim
@@ -265,6 +273,12 @@ class FaissDatastore(Datastore):
         os.replace(self.path / "index.faiss.tmp", self.path / "index.faiss")
         spec["indexed_count"] = int(index.ntotal)
         atomic_write_json(self.path / "meta.json", self.meta)
+
+    def finalize(self) -> None:
+        """Train the IVFPQ index once the rows are in (an exact index needs nothing); persist codes."""
+        if self.index_spec["type"] == "ivfpq" and not (self.path / "index.faiss").exists():
+            self.train()
+        self.flush()
 
     def search(self, queries: np.ndarray, k: int):
         if k < 1:

@@ -11,12 +11,12 @@ import logging
 from knnlm_vdb.datastore.milvus.connection import connect, quiet_pymilvus, redact_uri, rpc, supports_aliases
 from knnlm_vdb.datastore.milvus.naming import META_PROPERTY, PREFIX, alias_name, check_domain, ledger_name
 from knnlm_vdb.datastore.milvus.versions import check_schema_version
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import KnnlmError, NotFound
 
 log = logging.getLogger(__name__)
 
 
-class NoSuchDomain(KnnlmError):
+class NoSuchDomain(NotFound):
     """The domain does not exist at that URI."""
 
 

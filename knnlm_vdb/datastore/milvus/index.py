@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import InvalidInput
 
 MAX_TOPK = 16384  # Milvus rejects limit > 16384
 MAX_NQ = 16384  # and more than 16384 query vectors per search
@@ -87,9 +87,9 @@ def _check_param(kind: str, index_type: str, name: str, value, spec) -> None:
     if spec[0] == "int":
         _, lo, hi = spec
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise KnnlmError(f"{index_type} {kind} parameter {name}={value!r} must be an integer in [{lo}, {hi}]")
+            raise InvalidInput(f"{index_type} {kind} parameter {name}={value!r} must be an integer in [{lo}, {hi}]")
     elif value not in spec[1]:
-        raise KnnlmError(f"{index_type} {kind} parameter {name}={value!r} must be one of {', '.join(spec[1])}")
+        raise InvalidInput(f"{index_type} {kind} parameter {name}={value!r} must be one of {', '.join(spec[1])}")
 
 
 def validate_index(index_type: str, build_params: dict | None = None, search_params: dict | None = None,
@@ -98,20 +98,20 @@ def validate_index(index_type: str, build_params: dict | None = None, search_par
 
     ``deployment`` is ``lite``, ``server`` (CPU or GPU: unknown until it answers),
     ``server-cpu`` or ``server-gpu``. ``k`` (the neighbours a search asks for) and ``dim``
-    enable the checks that depend on them. Raises ``KnnlmError`` naming the bad value.
+    enable the checks that depend on them. Raises ``InvalidInput`` naming the bad value.
     """
     if deployment not in DEPLOYMENT_INDEXES:
-        raise KnnlmError(f"unknown Milvus deployment {deployment!r}: use one of {', '.join(DEPLOYMENT_INDEXES)}")
+        raise InvalidInput(f"unknown Milvus deployment {deployment!r}: use one of {', '.join(DEPLOYMENT_INDEXES)}")
     if not isinstance(index_type, str):
-        raise KnnlmError(f"Milvus index type must be a string, got {index_type!r}")
+        raise InvalidInput(f"Milvus index type must be a string, got {index_type!r}")
     itype = index_type.upper()
     allowed = DEPLOYMENT_INDEXES[deployment]
     if itype not in allowed:
         where = "Milvus Lite" if deployment == "lite" else f"a Milvus {deployment.replace('-', ' ')}"
-        raise KnnlmError(f"index type {index_type!r} is not supported by {where}; use one of {', '.join(allowed)}")
+        raise InvalidInput(f"index type {index_type!r} is not supported by {where}; use one of {', '.join(allowed)}")
     for kind, given in (("build", build_params), ("search", search_params)):
         if given is not None and not isinstance(given, dict):
-            raise KnnlmError(f"Milvus {kind} parameters must be a mapping, got {given!r}")
+            raise InvalidInput(f"Milvus {kind} parameters must be a mapping, got {given!r}")
     build_spec, search_spec = _PARAMS[itype]
     build = {**_DEFAULT_BUILD.get(itype, {}), **(build_params or {})}
     search = dict(search_params or {})
@@ -119,31 +119,31 @@ def validate_index(index_type: str, build_params: dict | None = None, search_par
         for name, value in params.items():
             if name not in spec:
                 known = ", ".join(spec) or "none"
-                raise KnnlmError(f"unknown {itype} {kind} parameter {name!r} (known: {known})")
+                raise InvalidInput(f"unknown {itype} {kind} parameter {name!r} (known: {known})")
             _check_param(kind, itype, name, value, spec[name])
     if itype in ("IVF_PQ", "GPU_IVF_PQ"):
         if dim is not None:
             build.setdefault("m", max(m for m in range(1, min(64, dim) + 1) if dim % m == 0))
             if dim % build["m"]:
-                raise KnnlmError(f"{itype} m={build['m']} must divide the key dimension {dim}")
+                raise InvalidInput(f"{itype} m={build['m']} must divide the key dimension {dim}")
     if "nprobe" in search and search["nprobe"] > build["nlist"]:
-        raise KnnlmError(f"{itype} nprobe={search['nprobe']} exceeds nlist={build['nlist']}; "
+        raise InvalidInput(f"{itype} nprobe={search['nprobe']} exceeds nlist={build['nlist']}; "
                          f"a search cannot probe more lists than the index has")
     if itype == "GPU_CAGRA" and build["graph_degree"] > build["intermediate_graph_degree"]:
-        raise KnnlmError(f"GPU_CAGRA graph_degree={build['graph_degree']} must not exceed "
+        raise InvalidInput(f"GPU_CAGRA graph_degree={build['graph_degree']} must not exceed "
                          f"intermediate_graph_degree={build['intermediate_graph_degree']}")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise KnnlmError(f"--k must be a positive integer, got {k!r}")
+            raise InvalidInput(f"--k must be a positive integer, got {k!r}")
         if k > MAX_TOPK:
-            raise KnnlmError(f"--k {k} exceeds {MAX_TOPK}, the most neighbours Milvus returns per query")
+            raise InvalidInput(f"--k {k} exceeds {MAX_TOPK}, the most neighbours Milvus returns per query")
         if k > _MAX_K.get(itype, MAX_TOPK):
-            raise KnnlmError(f"--k {k} exceeds {_MAX_K[itype]}, the most neighbours {itype} returns per query")
+            raise InvalidInput(f"--k {k} exceeds {_MAX_K[itype]}, the most neighbours {itype} returns per query")
         if itype == "HNSW" and "ef" in search and search["ef"] < k:
-            raise KnnlmError(f"HNSW ef={search['ef']} is smaller than --k {k}; Milvus would return fewer "
+            raise InvalidInput(f"HNSW ef={search['ef']} is smaller than --k {k}; Milvus would return fewer "
                              f"than k neighbours. Use ef >= k (or leave ef unset for max(k, 64))")
         if itype == "GPU_CAGRA" and "itopk_size" in search and search["itopk_size"] < k:
-            raise KnnlmError(f"GPU_CAGRA itopk_size={search['itopk_size']} is smaller than --k {k}; use itopk_size >= k")
+            raise InvalidInput(f"GPU_CAGRA itopk_size={search['itopk_size']} is smaller than --k {k}; use itopk_size >= k")
     return IndexConfig(itype, build, search)
 
 
@@ -152,4 +152,4 @@ def check_consistency(level: str) -> str:
     for name in CONSISTENCY_LEVELS:
         if isinstance(level, str) and level.lower() == name.lower():
             return name
-    raise KnnlmError(f"unknown Milvus consistency level {level!r}: use one of {', '.join(CONSISTENCY_LEVELS)}")
+    raise InvalidInput(f"unknown Milvus consistency level {level!r}: use one of {', '.join(CONSISTENCY_LEVELS)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import InvalidInput
 
 FORMAT_VERSION = 1
 PREFIX = "knnlm_"
@@ -40,7 +40,7 @@ _DOMAIN_RE = re.compile(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*")
 def check_domain(domain: str) -> str:
     """A domain name usable inside a collection name; refuse anything else with a clear message."""
     if not isinstance(domain, str) or len(domain) > 64 or not _DOMAIN_RE.fullmatch(domain):
-        raise KnnlmError(f"invalid domain {domain!r}: use letters and digits, words joined by single "
+        raise InvalidInput(f"invalid domain {domain!r}: use letters and digits, words joined by single "
                          f"underscores, at most 64 characters (e.g. python_docs)")
     return domain
 

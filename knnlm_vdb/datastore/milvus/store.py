@@ -30,7 +30,7 @@ from knnlm_vdb.datastore.milvus.ledger import MilvusLedger
 from knnlm_vdb.datastore.milvus.naming import (DOC_ID_MAX_BYTES, FORMAT_VERSION, META_PROPERTY, alias_name,
                                                check_domain, row_bytes)
 from knnlm_vdb.datastore.milvus.versions import check_schema_version
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import Incompatible, KnnlmError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class MilvusDatastore(Datastore):
                  insert_batch_bytes: int = INSERT_BATCH_BYTES, alias_wait_s: float = ALIAS_WAIT_S):
         self.client = client
         self.uri = uri
-        self.domain = domain
+        self._domain = domain
         self.name = name  # alias (or the collection itself): what every request names
         self.meta = meta
         self.info = StoreInfo.from_dict(meta["info"])
@@ -85,6 +85,14 @@ class MilvusDatastore(Datastore):
         self._dirty = False
         self._count_hint = self.count()
         self._rows_added_here = 0
+
+    @property
+    def domain(self) -> str:
+        return self._domain
+
+    @property
+    def location(self) -> str:
+        return f"domain {self._domain} at {redact_uri(self.uri)}"
 
     # ---- creation / opening -------------------------------------------------------------------
     @classmethod
@@ -154,10 +162,10 @@ class MilvusDatastore(Datastore):
                     raise no_such_domain(client, uri, domain, "; build it first")
                 desc, meta = read_meta(client, name)
                 if not meta:
-                    raise KnnlmError(f"Milvus collection {desc.get('collection_name', name)} was not created by "
+                    raise Incompatible(f"Milvus collection {desc.get('collection_name', name)} was not created by "
                                      f"knnlm-vdb (no {META_PROPERTY} property)")
                 if meta.get("format_version", 0) > FORMAT_VERSION:
-                    raise KnnlmError(f"domain {domain!r} has format {meta['format_version']}, newer than this "
+                    raise Incompatible(f"domain {domain!r} has format {meta['format_version']}, newer than this "
                                      f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
                 stored = meta["index"]
                 if "index_type" in idx and idx["index_type"].upper() != stored["type"]:
@@ -255,6 +263,10 @@ class MilvusDatastore(Datastore):
             self.client.flush(self._physical())
         self._dirty = False
 
+    def finalize(self) -> None:
+        """Seal what was added so Milvus builds the index over it (``close`` does it too)."""
+        self.seal()
+
     def ledger(self) -> MilvusLedger:
         return MilvusLedger(self.client, self.uri, self.domain)
 
@@ -324,6 +336,23 @@ class MilvusDatastore(Datastore):
         for i, row in enumerate(ids):
             out[i, :min(len(row), k)] = row[:k]
         return d, out
+
+    def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
+        """Provenance of each query's ``n`` nearest entries: the stored doc_id and position fields."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        request = self.index.search_request(max(n, 1), self.deployment)
+        step = self.queries_per_call(n)
+        out = []
+        with rpc(f"search {self.name}", self.uri):
+            for i in range(0, len(queries), step):
+                res = self.client.search(self.name, data=queries[i:i + step], limit=n, anns_field="key",
+                                         search_params=request, output_fields=["target", "doc_id", "position"],
+                                         consistency_level=self.consistency)
+                for hits in res:
+                    out.append([{"domain": self.domain, "doc_id": h["entity"]["doc_id"],
+                                 "position": int(h["entity"]["position"]), "distance": float(h["distance"]),
+                                 "target": int(h["entity"]["target"])} for h in hits])
+        return out
 
     def describe(self) -> dict:
         with rpc(f"describe {self.name}", self.uri):

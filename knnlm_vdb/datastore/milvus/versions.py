@@ -15,7 +15,7 @@ import re
 
 from knnlm_vdb.datastore.milvus.connection import quiet_pymilvus, redact_uri
 from knnlm_vdb.datastore.milvus.naming import SCHEMA_COLLECTION, SCHEMA_PROPERTY
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import Incompatible
 
 _MODULE_RE = re.compile(r"m(\d{4})_([a-z0-9_]+)")
 
@@ -53,7 +53,7 @@ def read_schema_state(client) -> dict | None:
         state = json.loads(raw)
         int(state["version"])
     except (ValueError, KeyError, TypeError):
-        raise KnnlmError(f"corrupt schema record in Milvus collection {SCHEMA_COLLECTION}") from None
+        raise Incompatible(f"corrupt schema record in Milvus collection {SCHEMA_COLLECTION}") from None
     return state
 
 
@@ -62,7 +62,7 @@ def check_schema_version(client, uri: str) -> int:
     state = read_schema_state(client)
     version = int(state["version"]) if state else 0
     if version > latest_version():
-        raise KnnlmError(f"the Milvus database at {redact_uri(uri)} has schema version {version}, newer than the "
+        raise Incompatible(f"the Milvus database at {redact_uri(uri)} has schema version {version}, newer than the "
                          f"newest this knnlm-vdb knows ({latest_version()}); upgrade knnlm-vdb to use it")
     return version
 
