@@ -375,4 +375,4 @@ def check_stores(stores, encoder) -> None:
 
     mine = StoreInfo.for_encoder(encoder)
     for s in stores:
-        s.info.check_compatible(mine, getattr(s, "domain", None) or str(getattr(s, "path", "")))
+        s.info.check_compatible(mine, s.location)

@@ -51,11 +51,9 @@ def _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard, r
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.ingest import ingest
 
-    domain = location if backend == "milvus" else store.describe().get("domain", "default")
-    report = ingest(encoder, store, read_corpora(corpus), domain=domain, max_tokens=max_tokens,
+    report = ingest(encoder, store, read_corpora(corpus), domain=store.domain, max_tokens=max_tokens,
                     show_progress=not as_json, shard=shard, replace=replace)
-    if backend == "faiss" and store.index_spec["type"] == "ivfpq" and not (Path(location) / "index.faiss").exists():
-        store.train()
+    store.finalize()
     desc = store.describe()
     store.close()
     lines = [
@@ -152,7 +150,7 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     if backend == "milvus":
         from knnlm_vdb.datastore import StoreInfo
-        from knnlm_vdb.datastore.milvus_store import MilvusDatastore
+        from knnlm_vdb.datastore.milvus.store import MilvusDatastore
 
         itype = index.upper()
         store = MilvusDatastore.open_or_create(

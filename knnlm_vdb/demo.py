@@ -37,7 +37,7 @@ def run_demo(workdir: Path, backend: str = "milvus", model: str = "smollm2-135m"
         store = create_store("faiss", str(location), info)
     else:
         location = workdir / "knnlm-demo.db"
-        from knnlm_vdb.datastore.milvus_store import drop_domain
+        from knnlm_vdb.datastore.milvus.catalog import drop_domain
 
         if location.exists():  # start from scratch: the demo's numbers are for this sample alone
             drop_domain(str(location), "demo")

@@ -23,22 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import Incompatible, KnnlmError, NotFound
+from knnlm_vdb.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "ivfpq")
 _KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _gpu_resources():
@@ -83,14 +75,14 @@ class FaissDatastore(Datastore):
         _recover_interrupted_swap(self.path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise KnnlmError(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
+            raise NotFound(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
         try:
             self.meta = json.loads(meta_path.read_text())
             self.info = StoreInfo.from_dict(self.meta["info"])
         except (ValueError, KeyError) as exc:
-            raise KnnlmError(f"corrupt datastore metadata at {meta_path}: {exc}") from None
+            raise Incompatible(f"corrupt datastore metadata at {meta_path}: {exc}") from None
         if self.meta.get("format_version", 0) > FORMAT_VERSION:
-            raise KnnlmError(f"datastore {self.path} has format {self.meta['format_version']}, newer than this "
+            raise Incompatible(f"datastore {self.path} has format {self.meta['format_version']}, newer than this "
                              f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
         self.key_dtype = _KEY_DTYPES[self.meta["key_dtype"]]
         self._index = None
@@ -130,6 +122,14 @@ class FaissDatastore(Datastore):
         return cls(path)
 
     # ---- raw rows -------------------------------------------------------------------------
+    @property
+    def domain(self) -> str:
+        return self.meta.get("domain", "default")
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     @property
     def dim(self) -> int:
         return self.info.dim
@@ -274,6 +274,12 @@ class FaissDatastore(Datastore):
         spec["indexed_count"] = int(index.ntotal)
         atomic_write_json(self.path / "meta.json", self.meta)
 
+    def finalize(self) -> None:
+        """Train the IVFPQ index once the rows are in (an exact index needs nothing); persist codes."""
+        if self.index_spec["type"] == "ivfpq" and not (self.path / "index.faiss").exists():
+            self.train()
+        self.flush()
+
     def search(self, queries: np.ndarray, k: int):
         if k < 1:
             raise KnnlmError(f"--k must be a positive integer, got {k}")
@@ -331,7 +337,7 @@ class FaissDatastore(Datastore):
         dist, rows = index.search(queries, min(n, self.count()))
         ids, values = self.ids(), self.values()
         where = self._entry_places()
-        domain = self.meta.get("domain", "default")
+        domain = self.domain
         out = []
         for d_row, r_row in zip(dist, rows):
             hits = []
@@ -348,7 +354,7 @@ class FaissDatastore(Datastore):
         from knnlm_vdb.datastore.base import entry_ids
 
         if getattr(self, "_places", None) is None or self._places[0] != self.count():
-            domain = self.meta.get("domain", "default")
+            domain = self.domain
             places = {}
             for doc, rec in self.ledger().documents().items():
                 positions = np.arange(1, rec.n_tokens, dtype=np.int64)

@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from knnlm_vdb.io import atomic_write_json
+
 CHUNK_TARGETS = 4096  # targets per chunk: the unit of resumption and of sharding
 
 
@@ -76,8 +78,6 @@ class JsonLedger(Ledger):
         return self._docs
 
     def _save(self) -> None:
-        from knnlm_vdb.datastore.faiss_store import atomic_write_json
-
         atomic_write_json(self.path, {d: {"content_hash": r.content_hash, "n_tokens": r.n_tokens,
                                           "chunks": sorted(r.chunks)} for d, r in self.documents().items()})
 
