@@ -175,3 +175,49 @@ def test_cli_generate_bad_input_is_one_line_and_exit_2(cli_store, args, message)
     r = _cli("generate", *cli_store, *args)
     assert r.exit_code == 2
     assert r.output.startswith("error: ") and message in r.output and r.output.count("\n") == 1
+
+
+def test_auto_reads_the_prompt_first_and_generated_tokens_leave_trust_alone(tmp_path, llama_lm):
+    """The prompt is scored like a document: a memorised prompt earns the domain more trust than
+    an unseen one; decoding then uses that trust unchanged and skips searches the gate deems useless."""
+    from knnlm_vdb.adaptive import fit_calibration
+    from knnlm_vdb.evaluate import evaluate
+
+    enc = Encoder(llama_lm, ctx=256, stride=128)
+    store = _store(tmp_path, enc, "mem", MEMORISED * 3 + TINY_TEXT)
+    valid = evaluate(enc, [enc.tokenize(MEMORISED * 2), enc.tokenize(TINY_TEXT[::-1])], [store], k=16,
+                     keep_neighbours=True, show_progress=False)
+    store.set_extra("calibration", fit_calibration(valid.neighbours, 16, 1.0)[0].to_dict())
+    lm = KnnLM(enc, [store])
+    assert lm.settings().adaptive  # calibrated: auto by default
+    from transformers import LogitsProcessor
+
+    class Watch(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen_scales.append(list(proc.scales[0]))
+            return scores
+
+    scales = {}
+    for name, prompt in (("seen", MEMORISED * 2), ("unseen", "Zebras quietly juggle purple kettles at dawn.")):
+        ids = torch.tensor([enc.tokenize(prompt)])
+        proc = lm.logits_processor()
+        seen_scales = []
+        with torch.inference_mode():
+            lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                              logits_processor=[proc, Watch()],
+                              pad_token_id=0)
+        assert all(s == seen_scales[0] for s in seen_scales)  # generated tokens do not move the trust
+        assert proc.searches + proc.skipped == 8
+        scales[name] = seen_scales[0][0]
+    assert scales["seen"] > scales["unseen"]
+
+
+def test_score_reports_neighbours_with_their_documents(tmp_path, llama_lm):
+    enc = Encoder(llama_lm, ctx=128, stride=64)
+    lm = KnnLM(enc, [_store(tmp_path, enc, "mem", MEMORISED)], k=8, lmbda=0.5)
+    r = lm.score(MEMORISED[:30], neighbours=2)
+    assert len(r.neighbours) == len(r.token_ids) - 1
+    for pos, hits in enumerate(r.neighbours, start=1):  # memorised: the nearest entry is the same position
+        assert hits[0]["doc_id"] == "mem" and hits[0]["position"] == pos and hits[0]["distance"] < 1e-3
+        assert hits[0]["target"] == r.token_ids[pos]
+    assert r.knnlm_ppl < r.base_ppl
