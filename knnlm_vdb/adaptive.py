@@ -211,4 +211,6 @@ def mix_domains(lm_logprobs: np.ndarray, parts: list[tuple[np.ndarray, np.ndarra
         terms += [np.log(lam) + np.asarray(knn, np.float64) for (knn, _), lam in zip(parts, lams)]
     stacked = np.stack(terms)
     m = np.max(stacked, 0)
-    return m + np.log(np.sum(np.exp(stacked - m), 0))
+    m = np.where(np.isfinite(m), m, 0.0)  # a token every part rules out (-inf everywhere) stays -inf
+    with np.errstate(divide="ignore"):
+        return m + np.log(np.sum(np.exp(stacked - m), 0))

@@ -190,8 +190,8 @@ class Encoder:
         target_lp = np.empty(n, np.float32) if targets is not None else None
         entropy, max_lp = np.empty(n, np.float32), np.empty(n, np.float32)
         full_lp = []
-        if targets is not None or features or full:
-            for s in range(0, n, HEAD_ROWS):
+        with torch.no_grad():  # callers may hold states from a forward outside inference mode
+            for s in range(0, n if (targets is not None or features or full) else 0, HEAD_ROWS):
                 lp = torch.log_softmax(self.head(q_hidden[s:s + HEAD_ROWS]).float(), dim=-1)
                 e = s + len(lp)
                 if targets is not None:

@@ -100,22 +100,25 @@ class KnnLogitsProcessor(_processor_base()):
         self._last = ("knn", mixed, (lm.cpu().numpy(), knn, lam, searched, queries if self.neighbours else None))
         return torch.as_tensor(mixed, dtype=scores.dtype, device=scores.device)
 
-    def read_prompt(self, input_ids, keys, hidden) -> list[list[float]]:
+    def read_prompt(self, input_ids, keys, hidden, start: int | None = None) -> list[list[float]]:
         """Score each row's prompt as a document; -> each row's trust multiple per search group.
-        ``keys``/``hidden`` hold the states of the prompt's positions (at least all but the last),
-        from the first forward of ``generate`` or from a prefill whose KV cache it reuses."""
+
+        ``keys``/``hidden`` column c holds input position ``start + c``: by default the trailing
+        positions (the first forward of ``generate``; only the uncached ones when it reuses a
+        KV cache), or ``start=0`` for the states of a prefill whose cache ``generate`` reuses."""
         import torch
 
         n_rows, width = input_ids.shape
+        start = width - keys.shape[1] if start is None else start
         lengths = self.prompt_lengths or [width] * n_rows
         scales = []
         for b in range(n_rows):
             trust = self.mixer.new_document()
-            first = width - lengths[b]
-            if lengths[b] >= 2:
-                cols = torch.arange(first, width - 1)
-                targets = input_ids[b, first + 1:].cpu().numpy()
-                r = self.encoder.rows(keys, hidden, torch.full((len(cols),), b), cols, targets)
+            lo = max(width - lengths[b], start)  # state positions whose next token is in the prompt
+            hi = min(width - 1, start + keys.shape[1])
+            if hi > lo:
+                targets = input_ids[b, lo + 1:hi + 1].cpu().numpy()
+                r = self.encoder.rows(keys, hidden, torch.full((hi - lo,), b), torch.arange(lo, hi) - start, targets)
                 found = self.mixer.retrieve(r.keys, self.mixer.search_masks(r.entropy, r.max_logprob))
                 self.mixer.score(trust, targets, r.target_logprobs, r.entropy, r.max_logprob, found)
             scales.append([t.expected_scale() for t in trust])
