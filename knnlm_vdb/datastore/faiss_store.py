@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_on_open, check_sizes, load_meta, refusal
+from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError, NotFound
+from knnlm_vdb.settings import MAX_K
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "ivfpq")
-_KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
@@ -83,16 +84,18 @@ class FaissDatastore(Datastore):
         _recover_interrupted_swap(self.path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise KnnlmError(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-            self.info = StoreInfo.from_dict(self.meta["info"])
-        except (ValueError, KeyError) as exc:
-            raise KnnlmError(f"corrupt datastore metadata at {meta_path}: {exc}") from None
-        if self.meta.get("format_version", 0) > FORMAT_VERSION:
-            raise KnnlmError(f"datastore {self.path} has format {self.meta['format_version']}, newer than this "
-                             f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
-        self.key_dtype = _KEY_DTYPES[self.meta["key_dtype"]]
+            raise NotFound(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
+        meta, found = load_meta(self.path)
+        if isinstance(meta, dict) and isinstance(meta.get("format_version", 0), int) \
+                and meta.get("format_version", 0) > FORMAT_VERSION:
+            raise Incompatible(f"datastore {self.path} has format {meta['format_version']}, newer than this "
+                               f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
+        damage = [f for f in (found or check_on_open(self.path, meta)) if f.damage]
+        if damage:
+            raise Incompatible(refusal(self.path, damage))
+        self.meta = meta
+        self.info = StoreInfo.from_dict(meta["info"])
+        self.key_dtype = KEY_DTYPES[self.meta["key_dtype"]]
         self._index = None
         self._ids_set: set[int] | None = None
         self._gpu = None
@@ -105,7 +108,7 @@ class FaissDatastore(Datastore):
                recompute: bool = False, domain: str = "default") -> "FaissDatastore":
         if index not in INDEX_TYPES:
             raise KnnlmError(f"unknown FAISS --index {index!r}: use one of {', '.join(INDEX_TYPES)}")
-        if key_dtype not in _KEY_DTYPES:
+        if key_dtype not in KEY_DTYPES:
             raise KnnlmError(f"unknown --key-dtype {key_dtype!r}: use float16 or float32")
         if pq_m is not None and info.dim % pq_m:
             raise KnnlmError(f"--pq-m {pq_m} must divide the key dimension {info.dim}")
@@ -155,7 +158,10 @@ class FaissDatastore(Datastore):
         for name, width in (("keys.bin", self.dim * np.dtype(self.key_dtype).itemsize),
                             ("values.bin", 4), ("ids.bin", 8)):
             p = self.path / name
-            if p.stat().st_size != n * width:
+            size = p.stat().st_size
+            if size < n * width:  # never extend: zero rows would be searched as if they were keys
+                raise Incompatible(refusal(self.path, [f for f in check_sizes(self.path, self.meta) if f.damage]))
+            if size > n * width:
                 log.warning("cutting %s back to the %d committed rows (left by an interrupted write)", name, n)
                 with open(p, "r+b") as f:
                     f.truncate(n * width)
@@ -243,7 +249,16 @@ class FaissDatastore(Datastore):
         else:
             if not (self.path / "index.faiss").exists():
                 self.train()
-            index = faiss.read_index(str(self.path / "index.faiss"))
+            try:
+                index = faiss.read_index(str(self.path / "index.faiss"))
+            except RuntimeError as exc:
+                raise Incompatible(f"FAISS datastore {self.path} is damaged: index.faiss cannot be read "
+                                   f"({str(exc).splitlines()[0][:200]}); run `knnlm-vdb check --repair "
+                                   f"--datastore {self.path}` to retrain it") from None
+            if index.ntotal > n or index.d != self.dim:
+                raise Incompatible(f"FAISS datastore {self.path} is damaged: index.faiss has {index.ntotal} rows of "
+                                   f"dimension {index.d}, the datastore {n} of dimension {self.dim}; run "
+                                   f"`knnlm-vdb check --repair --datastore {self.path}` to retrain it")
             if index.ntotal < n:  # rows appended after the last index write: add them now
                 for chunk in self._key_chunks(index.ntotal):
                     index.add(chunk)
@@ -275,8 +290,8 @@ class FaissDatastore(Datastore):
         atomic_write_json(self.path / "meta.json", self.meta)
 
     def search(self, queries: np.ndarray, k: int):
-        if k < 1:
-            raise KnnlmError(f"--k must be a positive integer, got {k}")
+        if not 1 <= k <= MAX_K:  # the padding below is [n, k]: k=1e9 would try to allocate GiBs
+            raise InvalidInput(f"--k must be a positive integer at most {MAX_K}, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise KnnlmError(f"queries have shape {queries.shape}, datastore dimension is {self.dim}")
