@@ -64,7 +64,8 @@ def repair_faiss(path: str | Path, report: dict) -> list[str]:
     """Apply the safe repairs ``report`` lists; -> what was done. Refuses when damage remains
     that has no safe repair (the rows are gone: rebuild or restore instead)."""
     from knnlm_vdb.datastore import faiss_check as fc
-    from knnlm_vdb.datastore.faiss_store import FaissDatastore, atomic_write_json
+    from knnlm_vdb.datastore.faiss_store import FaissDatastore
+    from knnlm_vdb.datastore.ledger import atomic_write_json
 
     path = Path(path)
     hopeless = [d for d in report["damage"] if not d["repair"]]

@@ -14,7 +14,6 @@ write, so a crash never leaves a half-visible row.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
+from knnlm_vdb.datastore.ledger import atomic_write_json
 from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_on_open, check_sizes, load_meta, refusal
 from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError, NotFound
 from knnlm_vdb.settings import MAX_K
@@ -31,15 +31,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "ivfpq")
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _gpu_resources():

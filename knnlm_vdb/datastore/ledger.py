@@ -12,6 +12,7 @@ a document whose text changed), never the source of truth for the rows themselve
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,16 @@ class Ledger(ABC):
         return self.documents().get(doc_id)
 
 
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` to ``path`` by fsync and rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class JsonLedger(Ledger):
     """A sidecar JSON file replaced by atomic rename: readers see the old or the new file, never half."""
 
@@ -76,8 +87,6 @@ class JsonLedger(Ledger):
         return self._docs
 
     def _save(self) -> None:
-        from knnlm_vdb.datastore.faiss_store import atomic_write_json
-
         atomic_write_json(self.path, {d: {"content_hash": r.content_hash, "n_tokens": r.n_tokens,
                                           "chunks": sorted(r.chunks)} for d, r in self.documents().items()})
 
