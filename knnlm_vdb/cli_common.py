@@ -14,6 +14,7 @@ import re
 import click
 
 from knnlm_vdb.errors import InvalidInput, KnnlmError
+from knnlm_vdb.knn_settings import parse_lambda  # noqa: F401  (re-exported for the commands)
 from knnlm_vdb.settings import DEFAULTS, KEY_TYPES, env_name
 
 TOKEN_ENV = "KNNLM_MILVUS_TOKEN"  # secrets come from the environment, never from argv
@@ -154,47 +155,12 @@ def make_encoder(model, key_type, ctx, stride, batch_size, device, dtype):
                    batch_size=batch_size)
 
 
-def parse_lambda(value):
-    """``--lambda`` is a number in [0, 1] or ``auto`` (per-token λ from the stored calibration)."""
-    if value is None or value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise KnnlmError(f"--lambda must be a number in [0, 1] or 'auto', got {value!r}") from None
-
-
 def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None):
-    """-> (k, T, λ, calibrations). Flag or env var, else what `tune` stored with the datastores —
-    adaptive λ when every datastore has a calibration (one per domain), else the first one's best
-    fixed setting — else the default. ``skip_below`` overrides the calibrations' search threshold."""
-    from knnlm_vdb.adaptive import Calibration
-    from knnlm_vdb.knn import check_params
+    """-> (k, T, λ, calibrations) by ``knn_settings.resolve`` (see there for the order)."""
+    from knnlm_vdb.knn_settings import resolve
 
-    extra = stores[0].info.extra if stores else {}
-    lmbda = parse_lambda(lmbda)
-    calibrated = [("calibration" in s.info.extra) for s in stores]
-    if lmbda == "auto" or (lmbda is None and k is None and temperature is None and calibrated and all(calibrated)):
-        if not all(calibrated):
-            bare = stores[calibrated.index(False)] if stores else None
-            label = getattr(bare, "domain", None) or getattr(bare, "path", None) or "the datastore"
-            raise KnnlmError(f"--lambda auto needs a calibration for every datastore, and {label} has none: "
-                             "run `knnlm-vdb tune` on validation text first")
-        cals = [Calibration.from_dict(s.info.extra["calibration"]) for s in stores]
-        if skip_below is not None:
-            if not 0.0 <= skip_below < 1.0:
-                raise KnnlmError(f"--skip-below must be in [0, 1), got {skip_below}")
-            for c in cals:
-                c.skip_below = skip_below
-        return cals[0].k, cals[0].temperature, "auto", cals
-    if skip_below is not None:
-        raise KnnlmError("--skip-below applies to adaptive λ: use it with --lambda auto (after `knnlm-vdb tune`)")
-    tuned = extra.get("tuned", {})
-    k = k if k is not None else int(tuned.get("k", DEFAULTS["k"]))
-    temperature = temperature if temperature is not None else float(tuned.get("temperature", DEFAULTS["temperature"]))
-    lmbda = lmbda if lmbda is not None else float(tuned.get("lambda", DEFAULTS["lambda"]))
-    check_params(lmbda=lmbda, k=k, temperature=temperature)
-    return k, temperature, lmbda, None
+    s = resolve(stores, k, temperature, lmbda, skip_below)
+    return s.k, s.temperature, s.lmbda, (list(s.calibrations) if s.adaptive else None)
 
 
 def check_knn_options(o: dict) -> None:

@@ -74,21 +74,72 @@ class EncodedBlock:
 
 
 def _decoder_layers(model):
-    """The model's list of Transformer blocks (Llama, GPT-2, GPT-NeoX, Mistral, ... alike)."""
+    """The model's list of Transformer blocks (Llama, GPT-2, GPT-NeoX, Mistral, ... alike), or None."""
     import torch
 
     candidates = [
         m for m in model.modules()
         if isinstance(m, torch.nn.ModuleList) and len(m) and hasattr(m[-1], "mlp")
     ]
-    if not candidates:
-        raise KnnlmError(f"cannot find Transformer blocks with an .mlp in {type(model).__name__}; "
-                         "use --key-type final_hidden")
-    return candidates[-1]
+    return candidates[-1] if candidates else None
+
+
+class KeyTap:
+    """Hooks on an unmodified Hugging Face model that keep the states of its latest forward pass.
+
+    Installed once per model (see ``tap_for``) and left in place, so any forward — ours over
+    sliding windows, or one step of ``model.generate`` with its KV cache — leaves behind the
+    keys of exactly the positions it computed. ``ffn_input`` is the last block's feed-forward
+    input (a pre-hook on its ``mlp``), ``hidden`` the backbone's output (the LM head's input).
+    """
+
+    def __init__(self, model):
+        self.ffn_input = None
+        self.hidden = None
+        layers = _decoder_layers(model)
+        self.has_ffn = layers is not None
+        self._handles = [model.base_model.register_forward_hook(self._on_backbone)]
+        if layers is not None:
+            self._handles.append(layers[-1].mlp.register_forward_pre_hook(self._on_ffn))
+
+    def _on_ffn(self, module, args):
+        self.ffn_input = args[0]
+
+    def _on_backbone(self, module, args, output):
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def keys(self, key_type: str):
+        return self.ffn_input if key_type == "ffn_input" else self.hidden
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def tap_for(lm: LoadedLM) -> KeyTap:
+    """The model's one ``KeyTap`` (installed on first use)."""
+    if lm.tap is None:
+        lm.tap = KeyTap(lm.model)
+    return lm.tap
+
+
+@dataclass
+class Rows:
+    """What the LM says at chosen positions: keys, and (when asked) log p_LM of the targets,
+    the whole distribution, and the gate features (entropy, top log-probability)."""
+
+    keys: np.ndarray  # float32 [n, dim]
+    target_logprobs: np.ndarray | None  # float32 [n]
+    entropy: np.ndarray  # float32 [n]
+    max_logprob: np.ndarray  # float32 [n]
+    logprobs: object = None  # torch float32 [n, V], only with full=True
+
+
+HEAD_ROWS = 512  # LM-head rows per matmul: bounds the [rows, vocab] logits temporary
 
 
 class Encoder:
-    """Runs the LM over sliding windows, capturing keys with a hook on the last FFN block."""
+    """Runs the LM over sliding windows; keys come from the model's ``KeyTap``."""
 
     def __init__(self, lm: LoadedLM, key_type: str = "ffn_input", ctx: int = 1024, stride: int = 512,
                  batch_size: int = 2):
@@ -103,9 +154,10 @@ class Encoder:
         self.lm, self.key_type, self.ctx, self.stride, self.batch_size = lm, key_type, ctx, stride, batch_size
         self.backbone = lm.model.base_model
         self.head = lm.model.get_output_embeddings()
-        self._captured = None
-        if key_type == "ffn_input":
-            self._ffn = _decoder_layers(lm.model)[-1].mlp
+        self.tap = tap_for(lm)
+        if key_type == "ffn_input" and not self.tap.has_ffn:
+            raise KnnlmError(f"cannot find Transformer blocks with an .mlp in {type(lm.model).__name__}; "
+                             "use --key-type final_hidden")
 
     @property
     def dim(self) -> int:
@@ -116,21 +168,41 @@ class Encoder:
         ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
         return list(ids)
 
-    def _capture(self, module, args):
-        self._captured = args[0]
-
-    def forward(self, batch_ids):
+    def forward(self, batch_ids, attention_mask=None):
         """Keys ``[B, L, d]`` and the final hidden states ``[B, L, d]`` (the LM head's input)."""
-        handle = self._ffn.register_forward_pre_hook(self._capture) if self.key_type == "ffn_input" else None
-        try:
-            out = self.backbone(input_ids=batch_ids, use_cache=False)
-        finally:
-            if handle is not None:
-                handle.remove()
-        hidden = out.last_hidden_state
-        keys = self._captured if self.key_type == "ffn_input" else hidden
-        self._captured = None
-        return keys, hidden
+        self.backbone(input_ids=batch_ids, attention_mask=attention_mask, use_cache=False)
+        return self.captured()
+
+    def captured(self):
+        """(keys, hidden) of the model's latest forward pass, whoever ran it."""
+        return self.tap.keys(self.key_type), self.tap.hidden
+
+    def rows(self, keys, hidden, rows_t, cols_t, targets=None, features: bool = True, full: bool = False) -> Rows:
+        """The one place states become kNN-LM inputs: keys, log p_LM of ``targets`` and the gate
+        features at positions ``(rows_t[i], cols_t[i])`` of a forward pass. Build, score,
+        next-token and generation all come through here, so stored keys and queries agree."""
+        import torch
+
+        rows_t, cols_t = rows_t.to(keys.device), cols_t.to(keys.device)
+        n = len(rows_t)
+        q_keys = keys[rows_t, cols_t].float().cpu().numpy()
+        q_hidden = hidden[rows_t, cols_t]
+        target_lp = np.empty(n, np.float32) if targets is not None else None
+        entropy, max_lp = np.empty(n, np.float32), np.empty(n, np.float32)
+        full_lp = []
+        if targets is not None or features or full:
+            for s in range(0, n, HEAD_ROWS):
+                lp = torch.log_softmax(self.head(q_hidden[s:s + HEAD_ROWS]).float(), dim=-1)
+                e = s + len(lp)
+                if targets is not None:
+                    t = torch.as_tensor(targets[s:e], dtype=torch.long, device=lp.device)
+                    target_lp[s:e] = lp.gather(1, t[:, None])[:, 0].cpu().numpy()
+                if features:
+                    entropy[s:e] = (-(lp.exp() * lp).sum(-1)).cpu().numpy()
+                    max_lp[s:e] = lp.max(-1).values.cpu().numpy()
+                if full:
+                    full_lp.append(lp)
+        return Rows(q_keys, target_lp, entropy, max_lp, torch.cat(full_lp) if full else None)
 
     def encode(self, token_ids: list[int], with_logprobs: bool = True, progress=None,
                target_range: tuple[int, int] | None = None) -> Iterator[EncodedBlock]:
@@ -160,32 +232,23 @@ class Encoder:
             batch_ids = torch.stack([ids[w.begin:w.end] for w in batch]).to(device)
             with torch.inference_mode():
                 keys, hidden = self.forward(batch_ids)
-                rows, cols = [], []
-                for b, w in enumerate(batch):
-                    n = w.end - w.score_from
-                    rows.append(torch.full((n,), b, dtype=torch.long))
-                    cols.append(torch.arange(w.score_from - 1 - w.begin, w.end - 1 - w.begin))
-                rows_t, cols_t = torch.cat(rows).to(device), torch.cat(cols).to(device)
+                rows_t = torch.cat([torch.full((w.end - w.score_from,), b, dtype=torch.long)
+                                    for b, w in enumerate(batch)])
+                cols_t = torch.cat([torch.arange(w.score_from - 1 - w.begin, w.end - 1 - w.begin) for w in batch])
                 positions = torch.cat([torch.arange(w.score_from, w.end) for w in batch])
                 targets = ids[positions]
-                block_keys = keys[rows_t, cols_t].float().cpu().numpy()
-                lm_logprobs = lm_entropy = lm_max_logprob = None
-                if with_logprobs:
-                    # The head runs only on scored positions: half the windows' tokens are context.
-                    logits = self.head(hidden[rows_t, cols_t]).float()
-                    lp = torch.log_softmax(logits, dim=-1)
-                    lm_logprobs = lp.gather(1, targets.to(device)[:, None])[:, 0].cpu().numpy()
-                    lm_entropy = -(lp.exp() * lp).sum(-1).cpu().numpy()
-                    lm_max_logprob = lp.max(-1).values.cpu().numpy()
+                # The head runs only on scored positions: half the windows' tokens are context.
+                r = self.rows(keys, hidden, rows_t, cols_t, targets if with_logprobs else None,
+                              features=with_logprobs)
             if progress is not None:
                 progress.update(len(positions))
             yield EncodedBlock(
                 positions=positions.numpy().astype(np.int64),
-                keys=block_keys,
+                keys=r.keys,
                 targets=targets.numpy().astype(np.int32),
-                lm_logprobs=lm_logprobs,
-                lm_entropy=lm_entropy,
-                lm_max_logprob=lm_max_logprob,
+                lm_logprobs=r.target_logprobs,
+                lm_entropy=r.entropy if with_logprobs else None,
+                lm_max_logprob=r.max_logprob if with_logprobs else None,
             )
 
     def next_token(self, token_ids: list[int]):
@@ -195,5 +258,5 @@ class Encoder:
         ids = torch.tensor([token_ids[-self.ctx:]], dtype=torch.long, device=self.lm.device)
         with torch.inference_mode():
             keys, hidden = self.forward(ids)
-            logprobs = torch.log_softmax(self.head(hidden[:, -1]).float(), dim=-1)[0]
-        return keys[0, -1].float().cpu().numpy(), logprobs.cpu().numpy()
+            r = self.rows(keys, hidden, torch.tensor([0]), torch.tensor([ids.shape[1] - 1]), features=False, full=True)
+        return r.keys[0], r.logprobs[0].cpu().numpy()

@@ -49,6 +49,7 @@ class EvalResult:
     wall_seconds: float
     settings: dict = field(default_factory=dict)
     neighbours: Neighbours | None = None
+    per_token: dict | None = None  # keep_tokens: lm, knn, mixed log-probs, λ, searched, keys (per scored token)
 
     def to_dict(self) -> dict:
         return {
@@ -84,7 +85,7 @@ def _calibrations(calibration, stores) -> list | None:
 
 def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: list[Datastore] | None = None,
              k: int = 1024, temperature: float = 1.0, lmbda: float = 0.25, keep_neighbours: bool = False,
-             show_progress: bool = True, calibration=None) -> EvalResult:
+             show_progress: bool = True, calibration=None, settings=None, keep_tokens: bool = False) -> EvalResult:
     """Score every target of ``token_ids`` (one sequence or several documents) under the LM and,
     given stores, under the kNN-LM.
 
@@ -94,6 +95,9 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
     ``temperature`` then come from the calibration.
     """
     stores = stores or []
+    if settings is not None:  # knn_settings.Fixed | Adaptive
+        k, temperature, lmbda = settings.k, settings.temperature, settings.lmbda
+        calibration = list(settings.calibrations) if settings.adaptive else None
     cals = _calibrations(calibration, stores)
     if cals is not None:
         k, temperature, lmbda = cals[0].k, cals[0].temperature, "auto"
@@ -104,7 +108,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
         raise KnnlmError("keeping neighbours needs one search group: fixed λ, or a single domain")
     sequences = [token_ids] if token_ids and isinstance(token_ids[0], int) else list(token_ids)
     n_targets = sum(max(0, len(ids) - 1) for ids in sequences)
-    lm_parts, mixed_parts, lam_parts, kept = [], [], [], []
+    lm_parts, mixed_parts, lam_parts, kept, detail = [], [], [], [], []
     lm_seconds = retrieval_seconds = 0.0
     searched = 0
     trust, trust_doc = None, -1
@@ -130,10 +134,12 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
                 searched += int(np.any([f.searched for f in found], axis=0).sum())
                 if doc != trust_doc:
                     trust, trust_doc = mixer.new_document(), doc
-                mixed, lam, _ = mixer.score(trust, prev.targets, prev.lm_logprobs, prev.lm_entropy,
-                                            prev.lm_max_logprob, found)
+                mixed, lam, knn = mixer.score(trust, prev.targets, prev.lm_logprobs, prev.lm_entropy,
+                                              prev.lm_max_logprob, found)
                 mixed_parts.append(mixed)
                 lam_parts.append(lam)
+                if keep_tokens:
+                    detail.append((knn, np.any([f.searched for f in found], axis=0), prev.keys))
                 if keep_neighbours:
                     f = found[0]
                     kept.append((prev.targets, prev.lm_logprobs, f.distances, f.values, prev.lm_entropy,
@@ -150,14 +156,21 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
     lm_logprobs = np.concatenate(lm_parts) if lm_parts else np.zeros(0, np.float32)
     knnlm_ppl = None
     neighbours = None
-    settings = {"k": k, "temperature": temperature, "lambda": lmbda, "ctx": encoder.ctx, "stride": encoder.stride}
+    summary = {"k": k, "temperature": temperature, "lambda": lmbda, "ctx": encoder.ctx, "stride": encoder.stride}
     if stores:
         lambdas = np.concatenate(lam_parts)
         knnlm_ppl = perplexity(np.concatenate(mixed_parts))
-        settings["searched_fraction"] = searched / max(1, len(lm_logprobs))
-        settings["mean_lambda"] = float(lambdas.mean()) if len(lambdas) else None
+        summary["searched_fraction"] = searched / max(1, len(lm_logprobs))
+        summary["mean_lambda"] = float(lambdas.mean()) if len(lambdas) else None
         if keep_neighbours:
             neighbours = Neighbours(*(np.concatenate(parts) for parts in zip(*kept)))
+    per_token = None
+    if keep_tokens:
+        per_token = {"lm": lm_logprobs.astype(np.float64)}
+        if stores:
+            knn, searched_t, keys = (np.concatenate(p) for p in zip(*detail))
+            per_token.update(knn=knn, mixed=np.concatenate(mixed_parts), lambdas=np.concatenate(lam_parts),
+                             searched=searched_t, keys=keys)
     return EvalResult(
         tokens=len(lm_logprobs),
         base_ppl=perplexity(lm_logprobs),
@@ -165,8 +178,9 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
         lm_seconds=lm_seconds,
         retrieval_seconds=retrieval_seconds,
         wall_seconds=wall,
-        settings=settings,
+        settings=summary,
         neighbours=neighbours,
+        per_token=per_token,
     )
 
 

@@ -29,6 +29,7 @@ class LoadedLM:
     tokenizer: object
     name: str
     device: str
+    tap: object = None  # encoder.KeyTap, installed on first use
 
     @property
     def hidden_size(self) -> int:

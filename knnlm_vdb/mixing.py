@@ -44,6 +44,13 @@ class Found:
 class Mixer:
     """Search plan and λ for a set of stores. ``groups[g]`` are searched together (merged top-k)."""
 
+    @classmethod
+    def for_settings(cls, stores, settings) -> "Mixer":
+        """The plan for resolved ``knn_settings`` (``Fixed`` or ``Adaptive``)."""
+        if settings.adaptive:
+            return cls(stores, calibrations=list(settings.calibrations))
+        return cls(stores, settings.k, settings.temperature, settings.lmbda)
+
     def __init__(self, stores, k: int | None = None, temperature: float | None = None, lmbda: float | None = None,
                  calibrations: list[Calibration] | None = None):
         self.stores = list(stores)
@@ -103,17 +110,29 @@ class Mixer:
     def next_token(self, trust, lm_logprobs, lm_entropy, lm_max_logprob, found: list[Found]):
         """-> (log p over the vocabulary, total λ, log p_kNN of the first group) for one query.
         With no document read yet, each domain's trust is its prior mean."""
+        scales = [[doc.expected_scale() for doc in trust]] if self.adaptive else None
+        mixed, lam, knn = self.distributions(scales, np.asarray(lm_logprobs)[None], lm_entropy, lm_max_logprob, found)
+        return mixed[0], float(lam[0]), knn[0]
+
+    def distributions(self, scales, lm_logprobs, lm_entropy, lm_max_logprob, found: list[Found]):
+        """Next-token distributions for ``B`` queries: -> (log p ``[B, V]``, total λ ``[B]``,
+        log p_kNN of the first group ``[B, V]``). ``scales[b][g]`` is how far query b trusts
+        domain g (``DocumentTrust.expected_scale`` of its document; adaptive only)."""
         lm = np.asarray(lm_logprobs, np.float64)
+        n, vocab = lm.shape
         if not found:
-            return lm, 0.0, np.full(len(lm), -np.inf)
-        knns = [knn_distribution(f.distances[0], f.values[0], len(lm), t) for f, t in zip(found, self.temperatures)]
+            return lm, np.zeros(n), np.full(lm.shape, -np.inf)
+        knns = [np.stack([knn_distribution(f.distances[b], f.values[b], vocab, t) for b in range(n)])
+                for f, t in zip(found, self.temperatures)]
         if not self.adaptive:
-            return interpolate(lm, knns[0], self.lmbda), float(self.lmbda), knns[0]
+            lam = np.full(n, float(self.lmbda))
+            return interpolate(lm, knns[0], self.lmbda), lam, knns[0]
         parts = []
-        for f, knn, cal, doc in zip(found, knns, self.calibrations, trust):
-            gate = float(cal.lambdas(f.distances, lm_entropy, lm_max_logprob, f.searched)[0])
-            parts.append((knn, np.full(len(lm), min(gate * doc.expected_scale(), LAMBDA_CAP))))
-        return mix_domains(lm, parts), float(sum(lam[0] for _, lam in parts)), _knn_part(parts)
+        for g, (f, knn, cal) in enumerate(zip(found, knns, self.calibrations)):
+            gate = cal.lambdas(f.distances, lm_entropy, lm_max_logprob, f.searched)
+            lam = np.minimum(gate * np.array([s[g] for s in scales]), LAMBDA_CAP)
+            parts.append((knn, np.broadcast_to(lam[:, None], lm.shape)))
+        return mix_domains(lm, parts), np.sum([lam[:, 0] for _, lam in parts], axis=0), _knn_part(parts)
 
 
 def _knn_part(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

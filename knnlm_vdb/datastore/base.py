@@ -97,6 +97,11 @@ class Datastore(ABC):
     def describe(self) -> dict:
         """Facts for ``describe --json``: at least count, dim, model, key_type and index."""
 
+    def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
+        """Provenance: each query's ``n`` nearest entries as dicts of ``domain``, ``doc_id``,
+        ``position`` (of the token the entry predicts), ``distance`` and ``target``."""
+        raise KnnlmError(f"{type(self).__name__} cannot say where its entries came from")
+
     def ledger(self):
         """The domain's ingest ledger (see ledger.py)."""
         raise KnnlmError(f"{type(self).__name__} keeps no ingest ledger")

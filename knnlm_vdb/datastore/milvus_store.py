@@ -955,6 +955,22 @@ class MilvusDatastore(Datastore):
             out[i, :min(len(row), k)] = row[:k]
         return d, out
 
+    def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        request = self.index.search_request(max(n, 1), self.deployment)
+        out = []
+        with _rpc(f"search {self.name}", self.uri):
+            for i in range(0, len(queries), self.queries_per_call(n)):
+                res = self.client.search(self.name, data=queries[i:i + self.queries_per_call(n)], limit=n,
+                                         anns_field="key", search_params=request,
+                                         output_fields=["target", "doc_id", "position"],
+                                         consistency_level=self.consistency)
+                for hits in res:
+                    out.append([{"domain": self.domain, "doc_id": h["entity"]["doc_id"],
+                                 "position": int(h["entity"]["position"]), "distance": float(h["distance"]),
+                                 "target": int(h["entity"]["target"])} for h in hits])
+        return out
+
     def describe(self) -> dict:
         with _rpc(f"describe {self.name}", self.uri):
             physical = self._physical()

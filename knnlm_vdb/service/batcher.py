@@ -61,6 +61,10 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="knnlm-batcher", daemon=True)
         self._thread.start()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def submit(self, job: Job, timeout: float | None = None) -> Job:
         """Queue ``job`` and wait for it; ``timeout`` is the caller's remaining deadline in seconds."""
         if self._closed:

@@ -95,6 +95,32 @@ class KnnlmClient:
 
         return self.stub.Append(messages(), **self._kw(timeout))
 
+    def generate(self, prompt: str | list[int], domains: Iterable[str] = (), max_new_tokens: int = 0,
+                 do_sample: bool = False, temperature_lm: float | None = None, top_k: int = 0,
+                 top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (), neighbours: int = 0,
+                 k: int | None = None, temperature: float | None = None, lmbda: float | None = None,
+                 adaptive: bool | None = None, timeout: float | None = None):
+        """Yield ``GenerateResponse`` messages, one per token, as the server produces them. Stopping
+        the iteration early (``close()``, ``break``) cancels the call and the server's decoding."""
+        req = pb.GenerateRequest(domains=list(domains), settings=_settings(k, temperature, lmbda, adaptive),
+                                 max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=top_k, stop=list(stop),
+                                 neighbours=neighbours)
+        if isinstance(prompt, str):
+            req.prompt = prompt
+        else:
+            req.prompt_token_ids.extend(prompt)
+        if temperature_lm is not None:
+            req.temperature = temperature_lm
+        if top_p is not None:
+            req.top_p = top_p
+        if seed is not None:
+            req.seed = seed
+        call = self.stub.Generate(req, **self._kw(timeout))
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
     def list_domains(self, timeout: float | None = None) -> list[pb.DomainInfo]:
         return list(self.stub.ListDomains(pb.ListDomainsRequest(), **self._kw(timeout)).domains)
 

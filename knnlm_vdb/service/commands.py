@@ -88,6 +88,8 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
 @click.option("--max-text-tokens", type=int, default=8192, show_default=True,
               help="tokens per Score text, NextToken context or appended document")
 @click.option("--max-k", type=int, default=4096, show_default=True, help="largest k a request may ask for")
+@click.option("--max-new-tokens", type=int, default=512, show_default=True,
+              help="largest max_new_tokens a Generate request may ask for")
 @click.option("--max-request-bytes", type=int, default=4 << 20, show_default=True, help="largest gRPC message")
 @click.option("--max-concurrent", type=int, default=None,
               help="requests in progress at once; more get RESOURCE_EXHAUSTED [default: --max-workers]")
@@ -114,9 +116,9 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
               help=f"Milvus token from a file [default: ${TOKEN_ENV}]")
 def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
           k, temperature, lmbda, skip_below, host, port, health_port, max_workers, max_batch, batch_wait_ms, max_text_tokens,
-          max_k, max_request_bytes, max_concurrent, request_timeout, grace, tls_cert, tls_key, tls_client_ca,
+          max_new_tokens, max_k, max_request_bytes, max_concurrent, request_timeout, grace, tls_cert, tls_key, tls_client_ca,
           token_file, write_token_file, insecure, allow_read_token_writes, milvus_token_file):
-    """Serve Score, NextToken, Append and ListDomains over gRPC (package knnlm.v1).
+    """Serve Score, NextToken, Generate, Append and ListDomains over gRPC (package knnlm.v1).
 
     The model and datastores load once; concurrent requests are batched into one LM forward
     and one search. SIGTERM stops accepting requests and drains the ones in flight.
@@ -128,6 +130,7 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
 
     for name, value, low in (("--max-workers", max_workers, 1), ("--max-batch", max_batch, 1),
                              ("--max-text-tokens", max_text_tokens, 2), ("--max-k", max_k, 1),
+                             ("--max-new-tokens", max_new_tokens, 1),
                              ("--max-request-bytes", max_request_bytes, 1024), ("--max-concurrent", max_concurrent, 1)):
         if value is not None and value < low:
             raise KnnlmError(f"{name} must be at least {low}, got {value}")
@@ -162,7 +165,8 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
         log.info("domain %s: %s", name, f"adaptive λ (k={calibration.k}, T={calibration.temperature})"
                  if calibration is not None else f"k={dk} T={dt} λ={dl}")
     limits = Limits(max_text_tokens=max_text_tokens, max_k=max_k, max_request_bytes=max_request_bytes,
-                    max_concurrent=max_concurrent or max_workers, request_timeout_s=request_timeout)
+                    max_concurrent=max_concurrent or max_workers, request_timeout_s=request_timeout,
+                    max_new_tokens=max_new_tokens)
     service = KnnlmService(encoder, served, limits, max_batch=max_batch, max_wait_s=batch_wait_ms / 1e3)
     try:
         server = KnnlmServer(service, Listen(host, port, creds, health_port, interceptors), max_workers=max_workers)

@@ -153,3 +153,73 @@ class ListDomainsResponse(_message.Message):
     DOMAINS_FIELD_NUMBER: _ClassVar[int]
     domains: _containers.RepeatedCompositeFieldContainer[DomainInfo]
     def __init__(self, domains: _Optional[_Iterable[_Union[DomainInfo, _Mapping]]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "prompt_token_ids", "domains", "settings", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stop", "neighbours")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DO_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    settings: KnnSettings
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    neighbours: int
+    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., domains: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., neighbours: _Optional[int] = ...) -> None: ...
+
+class Neighbour(_message.Message):
+    __slots__ = ("domain", "doc_id", "position", "distance", "token_id", "token")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    doc_id: str
+    position: int
+    distance: float
+    token_id: int
+    token: str
+    def __init__(self, domain: _Optional[str] = ..., doc_id: _Optional[str] = ..., position: _Optional[int] = ..., distance: _Optional[float] = ..., token_id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("token_id", "token", "text", "prob", "base_prob", "knn_prob", "lmbda", "searched", "neighbours", "settings", "domains")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PROB_FIELD_NUMBER: _ClassVar[int]
+    BASE_PROB_FIELD_NUMBER: _ClassVar[int]
+    KNN_PROB_FIELD_NUMBER: _ClassVar[int]
+    LMBDA_FIELD_NUMBER: _ClassVar[int]
+    SEARCHED_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    text: str
+    prob: float
+    base_prob: float
+    knn_prob: float
+    lmbda: float
+    searched: bool
+    neighbours: _containers.RepeatedCompositeFieldContainer[Neighbour]
+    settings: KnnSettings
+    domains: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., text: _Optional[str] = ..., prob: _Optional[float] = ..., base_prob: _Optional[float] = ..., knn_prob: _Optional[float] = ..., lmbda: _Optional[float] = ..., searched: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ...) -> None: ...

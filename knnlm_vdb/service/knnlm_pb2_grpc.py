@@ -54,6 +54,11 @@ class KnnlmStub:
                 request_serializer=knnlm__vdb_dot_service_dot_knnlm__pb2.ListDomainsRequest.SerializeToString,
                 response_deserializer=knnlm__vdb_dot_service_dot_knnlm__pb2.ListDomainsResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/knnlm.v1.Knnlm/Generate',
+                request_serializer=knnlm__vdb_dot_service_dot_knnlm__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=knnlm__vdb_dot_service_dot_knnlm__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class KnnlmServicer:
@@ -87,6 +92,14 @@ class KnnlmServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Continue a prompt with kNN-LM decoding: one message per generated token, as it is produced.
+        Cancelling the call (or its deadline passing) stops the decoding.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnnlmServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_KnnlmServicer_to_server(servicer, server):
                     servicer.ListDomains,
                     request_deserializer=knnlm__vdb_dot_service_dot_knnlm__pb2.ListDomainsRequest.FromString,
                     response_serializer=knnlm__vdb_dot_service_dot_knnlm__pb2.ListDomainsResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=knnlm__vdb_dot_service_dot_knnlm__pb2.GenerateRequest.FromString,
+                    response_serializer=knnlm__vdb_dot_service_dot_knnlm__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Knnlm:
             '/knnlm.v1.Knnlm/ListDomains',
             knnlm__vdb_dot_service_dot_knnlm__pb2.ListDomainsRequest.SerializeToString,
             knnlm__vdb_dot_service_dot_knnlm__pb2.ListDomainsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/knnlm.v1.Knnlm/Generate',
+            knnlm__vdb_dot_service_dot_knnlm__pb2.GenerateRequest.SerializeToString,
+            knnlm__vdb_dot_service_dot_knnlm__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

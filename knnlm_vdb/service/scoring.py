@@ -22,9 +22,6 @@ from knnlm_vdb.mixing import Found, Mixer
 
 log = logging.getLogger(__name__)
 
-HEAD_ROWS = 512  # LM-head rows per matmul: bounds the [rows, vocab] logits temporary
-
-
 class DatastoreUnavailable(Exception):
     """A datastore failed while serving a request (network, server or disk), not the request itself."""
 
@@ -132,8 +129,8 @@ class Scorer:
             yield batch
 
     def _forward(self, batch: list[_Row]) -> None:
-        """Keys, log p_LM (of the target, or of the whole vocabulary) and, for calibrated jobs,
-        the LM's entropy and top log-probability, for every query of ``batch``."""
+        """Keys, log p_LM (of the target, or of the whole vocabulary) and the gate features for
+        every query of ``batch``, through the encoder's one ``rows`` path."""
         import torch
 
         enc = self.encoder
@@ -141,34 +138,24 @@ class Scorer:
         for b, r in enumerate(batch):
             ids[b, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
         offsets = np.cumsum([0] + [len(r.query_cols) for r in batch])
-        targets = torch.as_tensor(np.concatenate(
-            [r.targets if r.targets is not None else np.zeros(len(r.query_cols), np.int64) for r in batch]))
-        full_rows = {int(offsets[b]) for b, r in enumerate(batch) if r.targets is None}
-        n = int(offsets[-1])
-        target_lp, entropy, max_lp = np.empty(n), np.empty(n), np.empty(n)
-        need_feats = any(r.job.adaptive for r in batch)
-        full: dict[int, np.ndarray] = {}
+        targets = np.concatenate(
+            [r.targets if r.targets is not None else np.zeros(len(r.query_cols), np.int64) for r in batch])
+        full_rows = [b for b, r in enumerate(batch) if r.targets is None]
         with torch.inference_mode():
             keys, hidden = enc.forward(ids.to(enc.lm.device))
             rows_t = torch.cat([torch.full((len(r.query_cols),), b, dtype=torch.long) for b, r in enumerate(batch)])
             cols_t = torch.cat([torch.as_tensor(r.query_cols, dtype=torch.long) for r in batch])
-            rows_t, cols_t = rows_t.to(keys.device), cols_t.to(keys.device)
-            q_keys = keys[rows_t, cols_t].float().cpu().numpy()
-            q_hidden = hidden[rows_t, cols_t]
-            for s in range(0, n, HEAD_ROWS):
-                lp = torch.log_softmax(enc.head(q_hidden[s:s + HEAD_ROWS]).float(), dim=-1)
-                e = s + len(lp)
-                target_lp[s:e] = lp.gather(1, targets[s:e].to(lp.device)[:, None])[:, 0].cpu().numpy()
-                if need_feats:  # as Encoder.encode computes them for evaluate
-                    entropy[s:e] = (-(lp.exp() * lp).sum(-1)).cpu().numpy()
-                    max_lp[s:e] = lp.max(-1).values.cpu().numpy()
-                for i in full_rows.intersection(range(s, e)):
-                    full[i] = lp[i - s].cpu().numpy()
+            out = enc.rows(keys, hidden, rows_t, cols_t, targets, features=any(r.job.adaptive for r in batch))
+            full = {}
+            if full_rows:  # next-token jobs: one query each, the whole distribution
+                pick = torch.as_tensor([int(offsets[b]) for b in full_rows])
+                dist = enc.rows(keys, hidden, rows_t[pick], cols_t[pick], features=False, full=True).logprobs
+                full = {b: dist[i].cpu().numpy() for i, b in enumerate(full_rows)}
         for b, r in enumerate(batch):
             lo, hi = int(offsets[b]), int(offsets[b + 1])
-            r.job._keys.append((r, q_keys[lo:hi]))
-            r.job._base.append((r, full[lo][None] if r.targets is None else target_lp[lo:hi]))
-            r.job._feats.append((r, np.stack([entropy[lo:hi], max_lp[lo:hi]], axis=1)))
+            r.job._keys.append((r, out.keys[lo:hi]))
+            r.job._base.append((r, full[b][None] if r.targets is None else out.target_logprobs[lo:hi]))
+            r.job._feats.append((r, np.stack([out.entropy[lo:hi], out.max_logprob[lo:hi]], axis=1)))
 
     def run(self, jobs: list[Job]) -> dict[int, BaseException]:
         """Fill each job's results in place; returns ``{index: error}`` for jobs that failed."""

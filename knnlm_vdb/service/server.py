@@ -34,8 +34,10 @@ from knnlm_vdb.ingest import ingest
 from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 from knnlm_vdb.service.batcher import Batcher, DeadlineExceeded, ShuttingDown
+from knnlm_vdb.service.generation import GenerateRpc
 from knnlm_vdb.service.scoring import DatastoreUnavailable, Job, Scorer
 from knnlm_vdb.service.wire import MalformedRequest, add_servicer
+from knnlm_vdb.service.status import RequestError, invalid
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class Limits:
     max_request_bytes: int = 4 << 20  # gRPC refuses larger messages with RESOURCE_EXHAUSTED
     max_response_bytes: int = 64 << 20
     max_concurrent: int = 16  # Knnlm RPCs in progress; more get RESOURCE_EXHAUSTED
+    max_new_tokens: int = 512  # Generate: tokens one request may ask for
     request_timeout_s: float = 60.0  # a request's deadline when it sets none, and the cap on longer ones
 
 
@@ -75,14 +78,7 @@ class Domain:
     calibration: object = None
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+_invalid = invalid
 
 
 def _rpc(method):
@@ -121,7 +117,7 @@ def _rpc(method):
     return wrapper
 
 
-class KnnlmService(pb_grpc.KnnlmServicer):
+class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
     """Validates requests and hands the work to the batcher (Score, NextToken) or ingest (Append)."""
 
     def __init__(self, encoder: Encoder, domains: list[Domain], limits: Limits | None = None,

@@ -101,6 +101,8 @@ def add_servicer(servicer, server) -> None:
             handlers[m.name] = grpc.stream_unary_rpc_method_handler(_stream(behaviour), **kw)
         elif not m.client_streaming and not m.server_streaming:
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(_unary(behaviour), **kw)
+        elif m.server_streaming and not m.client_streaming:  # the handler returns the response iterator
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(_unary(behaviour), **kw)
         else:  # no such method in knnlm.v1 today; refuse to register what this module does not guard
             raise ValueError(f"unsupported streaming shape for {m.full_name}")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))

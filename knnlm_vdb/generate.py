@@ -1,0 +1,156 @@
+"""kNN-LM decoding inside ``transformers.generate``: greedy, sampling and beam search as they are.
+
+The model is not modified. ``encoder.KeyTap`` keeps the key of every position the model just
+computed, so each decoding step — one forward of the new token over the KV cache — leaves its
+query behind; ``KnnLogitsProcessor`` searches it (one batched search for all sequences),
+mixes p_kNN into the step's distribution with the same ``mixing.Mixer`` that ``eval`` uses,
+and hands ``log p_kNN-LM`` on to the usual warpers (temperature, top-k, top-p) and the
+sampler. Processors that ``generate`` builds from the generation config run before it and
+warpers after it, so sampling knobs shape the mixture, not the LM alone.
+
+Adaptive λ: on the first call (the prompt's forward) every prompt position is scored like a
+document in ``eval``, so each domain's ``DocumentTrust`` starts from the prompt's evidence.
+After that the trust is frozen: a generated token is the model's own choice, and learning from
+its likelihood would let the model confirm itself (a domain that proposed a token would be
+trusted more for having proposed it). Generated steps use the pre-search gate (skipped
+searches are skipped here too), the per-token gate and the prompt's trust.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from knnlm_vdb.encoder import Encoder
+from knnlm_vdb.mixing import Mixer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """One generated token of one sequence: its probabilities under the mixture, the LM and p_kNN."""
+
+    token_id: int
+    prob: float
+    base_prob: float
+    knn_prob: float
+    lmbda: float
+    searched: bool
+    neighbours: list = field(default_factory=list)
+
+
+def _processor_base():
+    from transformers import LogitsProcessor
+
+    return LogitsProcessor
+
+
+class KnnLogitsProcessor(_processor_base()):
+    """A ``transformers`` logits processor that turns any causal LM's ``generate`` into kNN-LM decoding.
+
+    One instance per ``generate`` call (it keeps the step count and each sequence's trust).
+    ``prompt_lengths[b]`` is the number of real (not left-padding) tokens of row b; left out,
+    every position of the first call's input counts as prompt. ``neighbours`` > 0 records that
+    many nearest neighbours per generated token (see ``provenance``).
+    """
+
+    def __init__(self, encoder: Encoder, mixer: Mixer, prompt_lengths: list[int] | None = None,
+                 neighbours: int = 0, provenance=None):
+        self.encoder, self.mixer = encoder, mixer
+        self.prompt_lengths = prompt_lengths
+        self.neighbours, self.provenance = neighbours, provenance
+        self.calls = 0
+        self.scales = None  # [rows][groups] trust multiples, from the prompt (adaptive only)
+        self.searches = self.skipped = 0
+        self._last = None  # the latest step's distributions, until its tokens are known
+
+    @property
+    def passthrough(self) -> bool:
+        """Fixed λ = 0 and nothing to record: the base model's scores, bit for bit."""
+        return not self.mixer.groups or (not self.mixer.adaptive and self.mixer.lmbda == 0.0)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        self.calls += 1
+        if self.passthrough:
+            self._last = ("base", torch.log_softmax(scores.float(), -1).cpu().numpy(), None)
+            return scores
+        keys, hidden = self.encoder.captured()
+        if keys is None or keys.shape[0] != scores.shape[0]:
+            raise RuntimeError("the model's forward did not go through the KeyTap; build the processor with "
+                               "KnnLM.logits_processor() for the model that generates")
+        lm = torch.log_softmax(scores.float(), dim=-1)
+        if self.calls == 1 and self.mixer.adaptive:
+            self.scales = self._read_prompt(input_ids, keys, hidden)
+        entropy = (-(lm.exp() * lm).sum(-1)).cpu().numpy()
+        max_lp = lm.max(-1).values.cpu().numpy()
+        queries = keys[:, -1].float().cpu().numpy()
+        masks = self.mixer.search_masks(entropy, max_lp)
+        found = self.mixer.retrieve(queries, masks)
+        searched = np.any([f.searched for f in found], axis=0)
+        self.searches += int(searched.sum())
+        self.skipped += int((~searched).sum())
+        scales = self.scales if self.scales is not None else \
+            [[c.new_document().expected_scale() for c in self.mixer.calibrations]] * len(queries) \
+            if self.mixer.adaptive else None
+        mixed, lam, knn = self.mixer.distributions(scales, lm.cpu().numpy(), entropy, max_lp, found)
+        self._last = ("knn", mixed, (lm.cpu().numpy(), knn, lam, searched, queries if self.neighbours else None))
+        return torch.as_tensor(mixed, dtype=scores.dtype, device=scores.device)
+
+    def _read_prompt(self, input_ids, keys, hidden) -> list[list[float]]:
+        """Score each row's prompt as a document; -> each row's trust multiple per search group."""
+        import torch
+
+        n_rows, width = input_ids.shape
+        lengths = self.prompt_lengths or [width] * n_rows
+        scales = []
+        for b in range(n_rows):
+            trust = self.mixer.new_document()
+            first = width - lengths[b]
+            if lengths[b] >= 2:
+                cols = torch.arange(first, width - 1)
+                targets = input_ids[b, first + 1:].cpu().numpy()
+                r = self.encoder.rows(keys, hidden, torch.full((len(cols),), b), cols, targets)
+                found = self.mixer.retrieve(r.keys, self.mixer.search_masks(r.entropy, r.max_logprob))
+                self.mixer.score(trust, targets, r.target_logprobs, r.entropy, r.max_logprob, found)
+            scales.append([t.expected_scale() for t in trust])
+        return scales
+
+    def take(self, tokens) -> list[Step]:
+        """The steps of the tokens just chosen (one per row), from the latest call's distributions."""
+        kind, mixed, extra = self._last
+        tokens = np.asarray(tokens).reshape(-1)
+        rows = np.arange(len(tokens))
+        if kind == "base":
+            p = np.exp(mixed[rows, tokens])
+            return [Step(int(t), float(q), float(q), 0.0, 0.0, False) for t, q in zip(tokens, p)]
+        base, knn, lam, searched, queries = extra
+        neigh = self.provenance(queries) if queries is not None and self.provenance else [[] for _ in rows]
+        return [Step(int(t), float(np.exp(mixed[b, t])), float(np.exp(base[b, t])), float(np.exp(knn[b, t])),
+                     float(lam[b]), bool(searched[b]), neigh[b]) for b, t in zip(rows, tokens)]
+
+
+class StepStreamer:
+    """A ``generate`` streamer that turns each chosen token into ``Step``s and hands them on.
+
+    ``on_step(list[Step])`` is called once per decoding step, in the thread that generates;
+    ``stop()`` (a flag that a ``StoppingCriteria`` reads) lets a consumer cancel the rest."""
+
+    def __init__(self, processor: KnnLogitsProcessor, on_step):
+        self.processor, self.on_step = processor, on_step
+        self._prompt_seen = False
+        self.steps: list[list[Step]] = []
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate first puts the prompt itself
+            self._prompt_seen = True
+            return
+        steps = self.processor.take(value.cpu().numpy())
+        self.steps.append(steps)
+        self.on_step(steps)
+
+    def end(self) -> None:
+        pass

@@ -1,0 +1,122 @@
+"""The streaming ``Generate`` RPC: kNN-LM decoding through ``KnnLM.stream``, one message per token.
+
+A generation holds the model for its whole length (the batcher's lock, shared with Score,
+NextToken and Append), so concurrent Generate calls take turns; each honours its deadline
+and stops decoding as soon as its client cancels — the lock is then free for the next call.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import grpc
+
+from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.knn_settings import Adaptive, Fixed
+from knnlm_vdb.service import knnlm_pb2 as pb
+from knnlm_vdb.service.batcher import ShuttingDown
+from knnlm_vdb.service.status import RequestError, from_knnlm_error, invalid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NEW_TOKENS = 64
+
+
+class GenerateRpc:
+    """The ``Generate`` method of ``server.KnnlmService`` (which supplies domains, settings, limits)."""
+
+    def _decoding(self, r: pb.GenerateRequest) -> dict:
+        n = r.max_new_tokens or DEFAULT_NEW_TOKENS
+        if n > self.limits.max_new_tokens:
+            raise invalid(f"max_new_tokens must be at most {self.limits.max_new_tokens} (the server's "
+                          f"--max-new-tokens), got {n}")
+        temperature = r.temperature if r.HasField("temperature") else 1.0
+        top_p = r.top_p if r.HasField("top_p") else 1.0
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise invalid(f"temperature must be positive, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise invalid(f"top_p must be in (0, 1], got {top_p}")
+        if r.neighbours > 64:
+            raise invalid(f"neighbours must be at most 64, got {r.neighbours}")
+        return dict(max_new_tokens=n, do_sample=r.do_sample, temperature_lm=temperature, top_k=r.top_k, top_p=top_p,
+                    seed=r.seed if r.HasField("seed") else None, stop=list(r.stop), neighbours=r.neighbours)
+
+    def _prompt(self, r: pb.GenerateRequest) -> list[int]:
+        if r.prompt:
+            return self._tokens(r.prompt, "prompt", minimum=1)
+        if not r.prompt_token_ids:
+            raise invalid("the prompt is empty: set prompt or prompt_token_ids")
+        ids = list(r.prompt_token_ids)
+        vocab = self.encoder.lm.vocab_size
+        if len(ids) > self.limits.max_text_tokens or not all(0 <= i < vocab for i in ids):
+            raise invalid(f"prompt_token_ids must be at most {self.limits.max_text_tokens} ids in [0, {vocab})")
+        return ids
+
+    def Generate(self, request: pb.GenerateRequest, context):
+        from knnlm_vdb.api import KnnLM
+
+        if not self._slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the server is at its limit of {self.limits.max_concurrent} concurrent requests "
+                          "(--max-concurrent); retry with backoff")
+        t0 = time.perf_counter()
+        code, message, tokens = grpc.StatusCode.OK, "", 0
+        try:
+            domains = self._domains(request.domains)
+            ids = self._prompt(request)
+            decoding = self._decoding(request)
+            k, temperature, lmbda, calibrations = self._settings(request.settings, domains)
+            settings = Adaptive(calibrations) if calibrations is not None else Fixed(k, temperature, lmbda)
+            deadline = time.monotonic() + self._timeout(context)
+            if not self.batcher.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while waiting for the model")
+            try:
+                if self.batcher.closed:
+                    raise ShuttingDown("the server is shutting down")
+                lm = KnnLM(self.encoder, [d.store for d in domains])
+                stream = lm.stream(ids, settings=settings, **decoding)
+                try:
+                    for piece, step in stream:
+                        if not context.is_active() or time.monotonic() > deadline:
+                            break  # closing the stream below cancels the decoding
+                        first = tokens == 0
+                        tokens += 1
+                        yield pb.GenerateResponse(
+                            token_id=step.token_id, token=self._token_str(step.token_id), text=piece, prob=step.prob,
+                            base_prob=step.base_prob, knn_prob=step.knn_prob, lmbda=step.lmbda,
+                            searched=step.searched, neighbours=[_neighbour(h) for h in step.neighbours],
+                            settings=_settings_pb(settings) if first else None,
+                            domains=[d.name for d in domains] if first else [])
+                finally:
+                    stream.close()
+            finally:
+                self.batcher.lock.release()
+            if context.is_active() and time.monotonic() > deadline:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"the deadline passed after {tokens} generated token(s)")
+        except RequestError as exc:
+            code, message = exc.code, exc.message
+        except KnnlmError as exc:
+            code, message = from_knnlm_error(exc).code, str(exc)
+        except ShuttingDown as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except Exception:
+            log.exception("Generate failed")
+            code, message = grpc.StatusCode.INTERNAL, "internal error in Generate; see the server log"
+        finally:
+            self._slots.release()
+            log.debug("Generate %s, %d token(s) in %.1f ms", code.name, tokens, 1e3 * (time.perf_counter() - t0))
+        if code != grpc.StatusCode.OK:
+            context.abort(code, message)
+
+
+def _settings_pb(s) -> pb.KnnSettings:
+    if s.adaptive:
+        return pb.KnnSettings(k=s.k, temperature=s.temperature, adaptive=True)
+    return pb.KnnSettings(k=s.k, temperature=s.temperature, lmbda=s.lmbda, adaptive=False)
+
+
+def _neighbour(h: dict) -> pb.Neighbour:
+    return pb.Neighbour(domain=h["domain"], doc_id=h["doc_id"], position=h["position"], distance=h["distance"],
+                        token_id=h["target"], token=h["token"])

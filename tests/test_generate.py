@@ -1,0 +1,124 @@
+"""kNN-LM decoding through transformers.generate, and the KnnLM facade, on tiny random models."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_TEXT
+from knnlm_vdb.api import KnnLM
+from knnlm_vdb.corpus import Document
+from knnlm_vdb.datastore import StoreInfo
+from knnlm_vdb.datastore.faiss_store import FaissDatastore
+from knnlm_vdb.encoder import Encoder
+from knnlm_vdb.errors import InvalidInput
+from knnlm_vdb.ingest import ingest
+
+MEMORISED = "0123456789abcdefghij" * 4
+
+
+def _store(tmp_path, enc, name, text):
+    store = FaissDatastore.create(tmp_path / name, StoreInfo.for_encoder(enc), key_dtype="float32")
+    ingest(enc, store, [Document(name, text)], show_progress=False)
+    return store
+
+
+@pytest.fixture()
+def knnlm(tmp_path, any_lm):
+    enc = Encoder(any_lm, ctx=128, stride=64)
+    return KnnLM(enc, [_store(tmp_path, enc, "mem", MEMORISED + TINY_TEXT)], k=8, temperature=1.0, lmbda=0.5)
+
+
+def _base_generate(lm: KnnLM, prompt: str, **kw):
+    ids = torch.tensor([lm.encoder.tokenize(prompt)])
+    with torch.inference_mode():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=lm.tokenizer.eos_token_id,
+                                eos_token_id=lm.tokenizer.eos_token_id,
+                                **kw)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_lambda_zero_is_the_base_models_generate_greedy(knnlm):
+    got = knnlm.generate("The quick brown", max_new_tokens=12, lmbda=0.0)
+    assert got.token_ids == _base_generate(knnlm, "The quick brown", max_new_tokens=12, do_sample=False)
+    assert len(got.steps) == 12 and all(s.prob == s.base_prob for s in got.steps)
+
+
+def test_lambda_zero_is_the_base_models_generate_seeded_sampling(knnlm):
+    got = knnlm.generate("The quick brown", max_new_tokens=12, lmbda=0.0, do_sample=True, top_p=0.9,
+                         temperature_lm=0.8, seed=7)
+    torch.manual_seed(7)
+    want = _base_generate(knnlm, "The quick brown", max_new_tokens=12, do_sample=True, top_p=0.9, temperature=0.8,
+                          top_k=0)
+    assert got.token_ids == want
+
+
+def test_high_lambda_greedy_reproduces_a_memorised_sequence(knnlm):
+    prompt = MEMORISED[:25]
+    got = knnlm.generate(prompt, max_new_tokens=15, lmbda=0.99)
+    expected = MEMORISED[25:40]
+    assert got.text == expected
+    base = knnlm.generate(prompt, max_new_tokens=15, lmbda=0.0)
+    assert base.text != expected  # the random model alone cannot know it
+
+
+def test_cached_decoding_matches_rescoring_the_whole_sequence(knnlm):
+    """Each step's mixture over the KV cache equals scoring prompt + continuation in one pass."""
+    prompt = "def add(a, b):"
+    got = knnlm.generate(prompt, max_new_tokens=10, lmbda=0.3, k=8, temperature=2.0)
+    ids = knnlm.encoder.tokenize(prompt) + got.token_ids
+    scored = knnlm.score(ids, lmbda=0.3, k=8, temperature=2.0)
+    tail = scored.logprobs[-len(got.token_ids):]
+    np.testing.assert_allclose(np.log([s.prob for s in got.steps]), tail, atol=1e-4)
+    np.testing.assert_allclose(np.log([s.base_prob for s in got.steps]), scored.base_logprobs[-10:], atol=1e-4)
+
+
+def test_batch_with_left_padding_equals_one_by_one(tmp_path, llama_lm):
+    enc = Encoder(llama_lm, ctx=128, stride=64)
+    lm = KnnLM(enc, [_store(tmp_path, enc, "mem", MEMORISED + TINY_TEXT)], k=8, temperature=1.0, lmbda=0.4)
+    prompts = ["The quick brown fox", "0123", "def add(a, b):\n    return"]
+    batch = lm.generate(prompts, max_new_tokens=8)
+    for p, g in zip(prompts, batch):
+        one = lm.generate(p, max_new_tokens=8)
+        assert g.token_ids == one.token_ids
+        np.testing.assert_allclose([s.prob for s in g.steps], [s.prob for s in one.steps], atol=1e-4)
+
+
+def test_beam_search_runs_and_logits_processor_plugs_into_model_generate(knnlm):
+    beams = knnlm.generate(MEMORISED[:25], max_new_tokens=6, num_beams=3, lmbda=0.99)
+    assert beams.text == MEMORISED[25:31]
+    ids = torch.tensor([knnlm.encoder.tokenize(MEMORISED[:25])])
+    proc = knnlm.logits_processor(lmbda=0.99)
+    with torch.inference_mode():
+        out = knnlm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   logits_processor=[proc], pad_token_id=0)
+    assert knnlm.tokenizer.decode(out[0, ids.shape[1]:]) == MEMORISED[25:31]
+
+
+def test_stream_yields_the_same_text_and_stop_sequences_end_it(knnlm):
+    pieces = [p for p, _ in knnlm.stream(MEMORISED[:25], max_new_tokens=15, lmbda=0.99)]
+    assert "".join(pieces) == MEMORISED[25:40]
+    stopped = knnlm.generate(MEMORISED[:25], max_new_tokens=15, lmbda=0.99, stop=["9a"])
+    assert stopped.text == "5678" and stopped.stopped_by == "9a"
+
+
+def test_closing_a_stream_early_stops_generation(knnlm):
+    it = knnlm.stream(MEMORISED[:25], max_new_tokens=200, lmbda=0.5)
+    next(it)
+    it.close()  # the worker sees the cancel event at its next step and returns
+    assert not knnlm._lock.locked()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"top_p": 0.0, "do_sample": True}, "top_p"),
+    ({"top_p": 1.5, "do_sample": True}, "top_p"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature_lm": 0.0, "do_sample": True}, "temperature"),
+    ({"lmbda": 2.0}, "lambda"),
+])
+def test_bad_generation_parameters_are_refused(knnlm, kw, match):
+    with pytest.raises(InvalidInput, match=match):
+        knnlm.generate("abc", **kw)
+
+
+def test_empty_prompt_refused(knnlm):
+    with pytest.raises(InvalidInput, match="empty"):
+        knnlm.generate("")
