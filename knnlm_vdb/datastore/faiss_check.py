@@ -48,6 +48,12 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _typed(obj: dict, fields: dict, prefix: str, missing) -> None:
+    for name, typ in fields.items():
+        if not isinstance(obj.get(name), typ) or (typ is int and not _is_int(obj.get(name))):
+            missing(f"{prefix}.{name}", typ.__name__)
+
+
 def check_meta(meta) -> list[Finding]:
     """Every field the datastore needs, of the right type."""
     if not isinstance(meta, dict):
@@ -61,9 +67,7 @@ def check_meta(meta) -> list[Finding]:
     if not isinstance(info, dict):
         missing("info", "an object")
     else:
-        for name, typ in _INFO_FIELDS.items():
-            if not isinstance(info.get(name), typ) or (typ is int and not _is_int(info.get(name))):
-                missing(f"info.{name}", typ.__name__)
+        _typed(info, _INFO_FIELDS, "info", missing)
         if _is_int(info.get("dim")) and info["dim"] < 1:
             missing("info.dim", "a positive int")
     if meta.get("key_dtype") not in KEY_DTYPES:
@@ -76,9 +80,7 @@ def check_meta(meta) -> list[Finding]:
     if not isinstance(index, dict):
         missing("index", "an object")
     else:
-        for name, typ in _INDEX_FIELDS.items():
-            if not isinstance(index.get(name), typ) or (typ is int and not _is_int(index.get(name))):
-                missing(f"index.{name}", typ.__name__)
+        _typed(index, _INDEX_FIELDS, "index", missing)
         if index.get("type") not in ("flat", "ivfpq"):
             missing("index.type", "flat or ivfpq")
     return out
@@ -224,16 +226,21 @@ def check_contents(path: Path, meta: dict, docs: dict | None, chunk: int = 1 << 
                                                        f"the ledger calls committed are not stored ({names})",
                            repair=FORGET_REPAIR))
     if (path / "index.faiss").is_file():
-        import faiss
-
-        try:
-            index = faiss.read_index(str(path / "index.faiss"))
-        except RuntimeError as exc:
-            out.append(Finding("index.faiss:unreadable", f"index.faiss cannot be read ({str(exc).splitlines()[0]})",
-                               repair=INDEX_REPAIR))
-        else:
-            if index.d != dim or index.ntotal > n:
-                out.append(Finding("index.faiss:mismatch", f"index.faiss has {index.ntotal} rows of dimension "
-                                                           f"{index.d}; the datastore {n} of dimension {dim}",
-                                   repair=INDEX_REPAIR))
+        found = read_index(path, n, dim)[1]
+        out += [found] if found else []
     return out
+
+
+def read_index(path: Path, n: int, dim: int):
+    """-> (the index or None, a Finding when index.faiss is unreadable or does not fit the rows)."""
+    import faiss
+
+    try:
+        index = faiss.read_index(str(path / "index.faiss"))
+    except RuntimeError as exc:
+        return None, Finding("index.faiss:unreadable", f"index.faiss cannot be read ({str(exc).splitlines()[0][:200]})",
+                             repair=INDEX_REPAIR)
+    if index.d != dim or index.ntotal > n:
+        return index, Finding("index.faiss:mismatch", f"index.faiss has {index.ntotal} rows of dimension {index.d}; "
+                                                      f"the datastore {n} of dimension {dim}", repair=INDEX_REPAIR)
+    return index, None

@@ -23,7 +23,7 @@ import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
 from knnlm_vdb.datastore.ledger import atomic_write_json
-from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_on_open, check_sizes, load_meta, refusal
+from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_on_open, check_sizes, load_meta, read_index, refusal
 from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError, NotFound
 from knnlm_vdb.settings import MAX_K
 
@@ -240,16 +240,9 @@ class FaissDatastore(Datastore):
         else:
             if not (self.path / "index.faiss").exists():
                 self.train()
-            try:
-                index = faiss.read_index(str(self.path / "index.faiss"))
-            except RuntimeError as exc:
-                raise Incompatible(f"FAISS datastore {self.path} is damaged: index.faiss cannot be read "
-                                   f"({str(exc).splitlines()[0][:200]}); run `knnlm-vdb check --repair "
-                                   f"--datastore {self.path}` to retrain it") from None
-            if index.ntotal > n or index.d != self.dim:
-                raise Incompatible(f"FAISS datastore {self.path} is damaged: index.faiss has {index.ntotal} rows of "
-                                   f"dimension {index.d}, the datastore {n} of dimension {self.dim}; run "
-                                   f"`knnlm-vdb check --repair --datastore {self.path}` to retrain it")
+            index, damage = read_index(self.path, n, self.dim)
+            if damage is not None:
+                raise Incompatible(refusal(self.path, [damage]))
             if index.ntotal < n:  # rows appended after the last index write: add them now
                 for chunk in self._key_chunks(index.ntotal):
                     index.add(chunk)
