@@ -77,7 +77,7 @@ def run_one(system: str, enc: Encoder, docs: list[Document], max_tokens: int, wo
             server_manager_instance.release_server(uri)
             shutil.rmtree(uri, ignore_errors=True)
     else:
-        from knnlm_vdb.datastore.milvus_store import drop_domain
+        from knnlm_vdb.datastore.milvus import drop_domain
 
         store = create_store("milvus", server_uri, info, domain=domain, index_type="FLAT")
         cleanup = lambda: drop_domain(server_uri, domain)  # noqa: E731

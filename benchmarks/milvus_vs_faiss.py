@@ -24,7 +24,7 @@ import numpy as np
 from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, write_results
 
 from knnlm_vdb.datastore.faiss_store import FaissDatastore, default_nlist
-from knnlm_vdb.datastore.milvus_store import MilvusDatastore, drop_domain, list_domains
+from knnlm_vdb.datastore.milvus import MilvusDatastore, drop_domain, list_domains
 from knnlm_vdb.encoder import Encoder
 from knnlm_vdb.evaluate import evaluate
 from knnlm_vdb.lm import load_lm

@@ -53,7 +53,7 @@ def domains() -> None:
 @_json_option
 def domains_list(uri, as_json):
     """The domains stored at --uri, one a line."""
-    from knnlm_vdb.datastore.milvus_store import list_domains, redact_uri
+    from knnlm_vdb.datastore.milvus import list_domains, redact_uri
 
     names = list_domains(uri, **_conn())
     _emit({"uri": redact_uri(uri), "domains": names}, as_json, names)
@@ -61,17 +61,19 @@ def domains_list(uri, as_json):
 
 def describe_domain(uri: str, domain: str, **conn) -> dict:
     """``MilvusDatastore.describe()`` plus the domain's collections, ledger size and schema version."""
-    from knnlm_vdb.datastore.milvus_store import (MilvusDatastore, RETIRED_PROPERTY, _domain_collections, _rpc,
-                                                  read_schema_state)
+    from knnlm_vdb.datastore.milvus.catalog import domain_collections, properties
+    from knnlm_vdb.datastore.milvus.connection import rpc
+    from knnlm_vdb.datastore.milvus.naming import RETIRED_PROPERTY
+    from knnlm_vdb.datastore.milvus.store import MilvusDatastore
+    from knnlm_vdb.datastore.milvus.versions import read_schema_state
 
     with MilvusDatastore.open(uri, domain, **conn) as store:
         desc = store.describe()
-        with _rpc(f"describe domain {domain}", uri):
-            names = _domain_collections(store.client).get(domain, [])
+        with rpc(f"describe domain {domain}", uri):
+            names = domain_collections(store.client).get(domain, [])
             desc["collections"] = [
                 {"name": n, "serving": n == desc["collection"],
-                 "retired": RETIRED_PROPERTY in (store.client.describe_collection(n).get("properties") or {})}
-                for n in names]
+                 "retired": RETIRED_PROPERTY in properties(store.client, n)} for n in names]
             state = read_schema_state(store.client)
         desc["schema_version"] = int(state["version"]) if state else 0
         desc["ledger_documents"] = len(store.ledger().documents())
@@ -108,7 +110,7 @@ def domains_describe(domain, uri, as_json):
 @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
 def domains_drop(domain, uri, yes):
     """Delete DOMAIN: its alias, collections (rows, index) and ingest ledger."""
-    from knnlm_vdb.datastore.milvus_store import check_domain, drop_domain, list_domains, redact_uri
+    from knnlm_vdb.datastore.milvus import check_domain, drop_domain, list_domains, redact_uri
 
     check_domain(domain)
     if not yes:
@@ -194,7 +196,7 @@ def parse_params(pairs, what: str) -> dict:
 @_json_option
 def reindex(uri, domain, index_type, index_params, search_params, keep_old, as_json):
     """Rebuild DOMAIN with another index without downtime: a new collection, then an alias swap."""
-    from knnlm_vdb.schema import reindex as run
+    from knnlm_vdb.datastore.milvus.reindex import reindex as run
 
     r = run(uri, domain, index_type, parse_params(index_params, "index-param"),
             parse_params(search_params, "search-param"), keep_old=keep_old, show_progress=not as_json, **_conn())

@@ -161,6 +161,18 @@ class KnnLM:
             return evaluate(self.encoder, sequences, self.stores, settings=settings, show_progress=show_progress,
                             keep_neighbours=keep_neighbours, **({} if settings else {"k": 1, "lmbda": 0.0}))
 
+    def tune(self, sequences, max_k: int = 1024, adaptive: bool = True, save: bool = True,
+             show_progress: bool = False) -> dict:
+        """Fit k, T, λ (and the ``--lambda auto`` calibration) on validation token sequences for the one
+        datastore, store them with it, and use them from now on (``evaluate.tune_datastore``)."""
+        from knnlm_vdb.evaluate import tune_datastore
+
+        if len(self.stores) != 1:
+            raise InvalidInput(f"tune fits one datastore at a time, not {len(self.stores)}")
+        with self._lock:
+            return tune_datastore(self.encoder, self.stores[0], sequences, max_k=max_k, adaptive=adaptive,
+                                  save=save, show_progress=show_progress)
+
     def score(self, text, neighbours: bool | int = False, **knn) -> ScoreResult:
         """Score ``text`` (a string or token ids) as one document."""
         from knnlm_vdb.evaluate import evaluate
@@ -194,7 +206,7 @@ class KnnLM:
                  top_k: int = 0, top_p: float = 1.0, num_beams: int = 1, seed: int | None = None,
                  stop: list[str] | tuple = (), neighbours: bool | int = False, on_step=None, cancel=None,
                  settings=None, **knn):
-        """Continue ``prompt`` (a string, token ids, or a list of strings for a batch) with kNN-LM decoding.
+        """Continue ``prompt`` (a string or token ids; a list of them for a batch) with kNN-LM decoding.
 
         -> ``Generation`` (a list for a list of prompts). Greedy by default; ``do_sample`` with
         ``temperature_lm``/``top_k``/``top_p``; ``num_beams`` > 1 for beam search (no per-token steps).
@@ -207,7 +219,7 @@ class KnnLM:
         from knnlm_vdb.generate import StepStreamer
         from knnlm_vdb.stopping import Cancelled, StopSequences
 
-        batch = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str)
+        batch = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (str, list, tuple))
         prompts = [self._prompt_ids(p) for p in (prompt if batch else [prompt])]
         check_sampling(max_new_tokens, temperature_lm, top_k, top_p, num_beams, do_sample)
         lengths = [len(p) for p in prompts]
@@ -252,7 +264,7 @@ class KnnLM:
     def stream(self, prompt, **kwargs):
         """Yield ``(text piece, generate.Step)`` as tokens are produced, for one prompt. Closing the
         iterator early cancels the generation."""
-        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (str, list, tuple)):
             raise InvalidInput("stream takes one prompt; use generate for a batch")
         events: queue.Queue = queue.Queue()
         cancel = threading.Event()
@@ -363,4 +375,4 @@ def check_stores(stores, encoder) -> None:
 
     mine = StoreInfo.for_encoder(encoder)
     for s in stores:
-        s.info.check_compatible(mine, getattr(s, "domain", None) or str(getattr(s, "path", "")))
+        s.info.check_compatible(mine, s.location)

@@ -65,7 +65,7 @@ def repair_faiss(path: str | Path, report: dict) -> list[str]:
     that has no safe repair (the rows are gone: rebuild or restore instead)."""
     from knnlm_vdb.datastore import faiss_check as fc
     from knnlm_vdb.datastore.faiss_store import FaissDatastore
-    from knnlm_vdb.datastore.ledger import atomic_write_json
+    from knnlm_vdb.io import atomic_write_json
 
     path = Path(path)
     hopeless = [d for d in report["damage"] if not d["repair"]]

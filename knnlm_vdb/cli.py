@@ -51,11 +51,9 @@ def _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard, r
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.ingest import ingest
 
-    domain = location if backend == "milvus" else store.describe().get("domain", "default")
-    report = ingest(encoder, store, read_corpora(corpus), domain=domain, max_tokens=max_tokens,
+    report = ingest(encoder, store, read_corpora(corpus), domain=store.domain, max_tokens=max_tokens,
                     show_progress=not as_json, shard=shard, replace=replace)
-    if backend == "faiss" and store.index_spec["type"] == "ivfpq" and not (Path(location) / "index.faiss").exists():
-        store.train()
+    store.finalize()
     desc = store.describe()
     store.close()
     lines = [
@@ -152,7 +150,7 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     if backend == "milvus":
         from knnlm_vdb.datastore import StoreInfo
-        from knnlm_vdb.datastore.milvus_store import MilvusDatastore
+        from knnlm_vdb.datastore.milvus.store import MilvusDatastore
 
         itype = index.upper()
         store = MilvusDatastore.open_or_create(
@@ -174,8 +172,8 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
 def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
              k, temperature, lmbda, skip_below, corpus, max_tokens, as_json):
     """Perplexity of the base LM and the kNN-LM over the same tokens."""
+    from knnlm_vdb.api import KnnLM
     from knnlm_vdb.corpus import read_corpora
-    from knnlm_vdb.evaluate import evaluate
 
     backend, locations = resolve_locations(datastores, backend, uri, domains)
     if max_tokens is not None and max_tokens < 1:
@@ -190,13 +188,11 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
             if not (Path(d) / "meta.json").is_file():
                 raise KnnlmError(f"no FAISS datastore at {d} (missing meta.json); build one with `knnlm-vdb build`")
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    stores = open_stores(backend, locations, uri, consistency, encoder)
-    k, temperature, lmbda, calibration = resolve_knn_settings(stores, k, temperature, lmbda, skip_below)
-    sequences = read_token_sequences(encoder, corpus, max_tokens)
-    result = evaluate(encoder, sequences, stores, k=k, temperature=temperature, lmbda=lmbda,
-                      calibration=calibration, show_progress=not as_json).to_dict()
-    for s in stores:
-        s.close()
+    with KnnLM(encoder, open_stores(backend, locations, uri, consistency, encoder), k=k, temperature=temperature,
+               lmbda=lmbda, skip_below=skip_below) as lm:
+        settings = lm.settings()
+        k, temperature, lmbda = settings.k, settings.temperature, settings.lmbda
+        result = lm.evaluate(read_token_sequences(encoder, corpus, max_tokens), show_progress=not as_json).to_dict()
     result["datastores"] = locations
     result["backend"] = backend
     emit(result, as_json, [
@@ -220,34 +216,26 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
 def tune(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
          corpus, max_tokens, max_k, adaptive, as_json):
     """Pick k, T and λ on validation text and store them with the datastore."""
+    from knnlm_vdb.api import KnnLM
+
     from knnlm_vdb.corpus import read_corpora
-    from knnlm_vdb.evaluate import evaluate, tune as grid_search
 
     backend, locations = resolve_locations(datastores, backend, uri, domains)
     read_corpora(corpus)
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    (store,) = open_stores(backend, locations, uri, consistency, encoder)
-    sequences = read_token_sequences(encoder, corpus, max_tokens)
-    res = evaluate(encoder, sequences, [store], k=max_k, keep_neighbours=True, show_progress=not as_json)
-    grid = grid_search(res.neighbours, ks=[k for k in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if k <= max_k])
-    best = grid["best"]
-    store.set_extra("tuned", {"k": best["k"], "temperature": best["temperature"], "lambda": best["lambda"],
-                              "valid_ppl": best["ppl"], "valid_base_ppl": grid["base_ppl"], "valid_tokens": res.tokens})
-    lines = [f"validation tokens {res.tokens:,}: base perplexity {grid['base_ppl']:.3f} -> kNN-LM {best['ppl']:.3f} "
-             f"with k={best['k']} T={best['temperature']} λ={best['lambda']}"]
-    payload = {"best": best, "base_ppl": grid["base_ppl"], "tokens": res.tokens}
+    with KnnLM(encoder, open_stores(backend, locations, uri, consistency, encoder)) as lm:
+        payload = lm.tune(read_token_sequences(encoder, corpus, max_tokens), max_k=max_k, adaptive=adaptive,
+                          show_progress=not as_json)
+    best = payload["best"]
+    lines = [f"validation tokens {payload['tokens']:,}: base perplexity {payload['base_ppl']:.3f} -> kNN-LM "
+             f"{best['ppl']:.3f} with k={best['k']} T={best['temperature']} λ={best['lambda']}"]
     if adaptive:
-        from knnlm_vdb.adaptive import fit_calibration
-
-        cal, report = fit_calibration(res.neighbours, best["k"], best["temperature"])
-        store.set_extra("calibration", cal.to_dict())
-        payload["auto"] = {k: v for k, v in report.items() if k != "skip_curve"}
-        lines.append(f"adaptive λ (--lambda auto): kNN-LM {report['valid_auto_ppl']:.3f}, "
-                     f"search skipped for {100 * report['valid_skipped']:.0f}% of tokens")
-    store.close()
+        auto = payload["auto"]
+        lines.append(f"adaptive λ (--lambda auto): kNN-LM {auto['valid_auto_ppl']:.3f}, "
+                     f"search skipped for {100 * auto['valid_skipped']:.0f}% of tokens")
     lines.append("stored with the datastore; eval and serve use " + ("--lambda auto" if adaptive else "these")
                  + " by default")
-    emit(payload, as_json, lines)
+    emit({k: v for k, v in payload.items() if k != "calibration"}, as_json, lines)
 
 
 @main.command()
@@ -272,6 +260,9 @@ def demo(backend, workdir, model, as_json):
         f"  kNN-LM, λ auto    perplexity {r['auto_knnlm_ppl']:.3f}  "
         f"({100 * (r['auto_knnlm_ppl'] / r['base_ppl'] - 1):+.1f}%, "
         f"{100 * (1 - r['auto_searched_fraction']):.0f}% of searches skipped)",
+        f"greedy continuation of the test chapter's opening ...{r['prompt'][-60:]!r}",
+        f"  base LM           {r['completions']['base']!r}",
+        f"  kNN-LM, λ auto    {r['completions']['auto']!r}",
         f"total {r['seconds']:.0f}s",
     ])
 

@@ -117,7 +117,7 @@ def resolve_locations(datastores, backend, uri, domains) -> tuple[str, list[str]
         return backend, datastores
     if datastores:
         raise KnnlmError("--datastore is a FAISS directory; for Milvus use --uri and --domain")
-    from knnlm_vdb.datastore.milvus_store import check_domain, deployment_of
+    from knnlm_vdb.datastore.milvus import check_domain, deployment_of
 
     deployment_of(uri)  # the URI scheme, before anything loads or connects
     for d in domains:

@@ -8,17 +8,17 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from knnlm_vdb.adaptive import fit_calibration
+from knnlm_vdb.api import KnnLM
 from knnlm_vdb.corpus import read_documents
 from knnlm_vdb.datastore import StoreInfo, create_store
 from knnlm_vdb.encoder import Encoder
-from knnlm_vdb.evaluate import evaluate, tune
 from knnlm_vdb.ingest import ingest
 from knnlm_vdb.lm import load_lm
 
 log = logging.getLogger(__name__)
 
 DEMO_CTX, DEMO_STRIDE = 512, 384  # shorter windows than the default keep the demo near two minutes
+DEMO_PROMPT_TOKENS, DEMO_NEW_TOKENS = 48, 24  # a greedy completion of the test chapter's opening
 DEMO_MAX_K = 128  # Milvus Lite returns large top-k slowly (seconds per 512 queries at k=1024)
 
 
@@ -37,7 +37,7 @@ def run_demo(workdir: Path, backend: str = "milvus", model: str = "smollm2-135m"
         store = create_store("faiss", str(location), info)
     else:
         location = workdir / "knnlm-demo.db"
-        from knnlm_vdb.datastore.milvus_store import drop_domain
+        from knnlm_vdb.datastore.milvus.catalog import drop_domain
 
         if location.exists():  # start from scratch: the demo's numbers are for this sample alone
             drop_domain(str(location), "demo")
@@ -49,17 +49,18 @@ def run_demo(workdir: Path, backend: str = "milvus", model: str = "smollm2-135m"
     def token_ids(name):
         return [encoder.tokenize(d.text) for d in read_documents(sample_file(name))]
 
-    valid = evaluate(encoder, token_ids("demo_valid.jsonl"), [store], k=DEMO_MAX_K, keep_neighbours=True,
-                     show_progress=show_progress)
-    best = tune(valid.neighbours, ks=(8, 16, 32, 64, 128))["best"]
-    test_ids = token_ids("demo_test.jsonl")
-    test = evaluate(encoder, test_ids, [store], k=best["k"], temperature=best["temperature"],
-                    lmbda=best["lambda"], show_progress=show_progress).to_dict()
-    # --lambda auto: per-token, per-document λ fitted on the same held-out chapter
-    calibration, _ = fit_calibration(valid.neighbours, best["k"], best["temperature"])
-    auto = evaluate(encoder, test_ids, [store], calibration=calibration, show_progress=show_progress).to_dict()
-    entries = store.count()
-    store.close()
+    with KnnLM(encoder, [store]) as lm:  # tune stores k, T, λ and the --lambda auto calibration with the domain
+        tuned = lm.tune(token_ids("demo_valid.jsonl"), max_k=DEMO_MAX_K, show_progress=show_progress)
+        best = tuned["best"]
+        test_ids = token_ids("demo_test.jsonl")
+        test = lm.evaluate(test_ids, show_progress=show_progress, k=best["k"], temperature=best["temperature"],
+                           lmbda=best["lambda"]).to_dict()
+        auto = lm.evaluate(test_ids, show_progress=show_progress, lmbda="auto").to_dict()
+        prompt = encoder.lm.tokenizer.decode(test_ids[0][:DEMO_PROMPT_TOKENS])
+        completions = {name: lm.generate(prompt, max_new_tokens=DEMO_NEW_TOKENS, lmbda=lam).text
+                       for name, lam in (("base", 0.0), ("auto", "auto"))}
+        entries = store.count()
     return {**test, "auto_knnlm_ppl": auto["knnlm_ppl"], "auto_searched_fraction": auto["searched_fraction"],
             "backend": backend, "datastore": str(location), "datastore_entries": entries,
-            "train_file": train.name, "valid_tokens": valid.tokens, "seconds": time.perf_counter() - t0}
+            "train_file": train.name, "valid_tokens": tuned["tokens"],
+            "prompt": prompt, "completions": completions, "seconds": time.perf_counter() - t0}

@@ -200,3 +200,32 @@ def tune(neighbours: Neighbours, ks=(8, 16, 32, 64, 128, 256, 512, 1024),
                 if best is None or ppl < best["ppl"]:
                     best = grid[-1]
     return {"best": best, "base_ppl": perplexity(neighbours.lm_logprobs), "grid": grid}
+
+
+TUNE_KS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def tune_datastore(encoder: Encoder, store: Datastore, sequences, max_k: int = 1024, adaptive: bool = True,
+                   save: bool = True, show_progress: bool = True) -> dict:
+    """Pick k, T and λ on validation ``sequences`` (and fit ``--lambda auto``'s calibration) for
+    ``store``; with ``save`` they are stored with it, where every later run finds them.
+
+    One LM pass and one search at ``max_k``: every smaller k, every T and λ re-score the kept
+    neighbours offline, so the cost is one evaluation of the validation text."""
+    res = evaluate(encoder, sequences, [store], k=max_k, keep_neighbours=True, show_progress=show_progress)
+    grid = tune(res.neighbours, ks=[k for k in TUNE_KS if k <= max_k] or [max_k])
+    best = grid["best"]
+    report = {"best": best, "base_ppl": grid["base_ppl"], "tokens": res.tokens}
+    tuned = {"k": best["k"], "temperature": best["temperature"], "lambda": best["lambda"], "valid_ppl": best["ppl"],
+             "valid_base_ppl": grid["base_ppl"], "valid_tokens": res.tokens}
+    if save:
+        store.set_extra("tuned", tuned)
+    if adaptive:
+        from knnlm_vdb.adaptive import fit_calibration
+
+        cal, fit = fit_calibration(res.neighbours, best["k"], best["temperature"])
+        if save:
+            store.set_extra("calibration", cal.to_dict())
+        report["auto"] = {k: v for k, v in fit.items() if k != "skip_curve"}
+        report["calibration"] = cal
+    return report

@@ -83,8 +83,8 @@ class KnnLogitsProcessor(_processor_base()):
             raise RuntimeError("the model's forward did not go through the KeyTap; build the processor with "
                                "KnnLM.logits_processor() for the model that generates")
         lm = torch.log_softmax(scores.float(), dim=-1)
-        if self.calls == 1 and self.mixer.adaptive:
-            self.scales = self._read_prompt(input_ids, keys, hidden)
+        if self.calls == 1 and self.mixer.adaptive and self.scales is None:
+            self.scales = self.read_prompt(input_ids, keys, hidden)
         entropy = (-(lm.exp() * lm).sum(-1)).cpu().numpy()
         max_lp = lm.max(-1).values.cpu().numpy()
         queries = keys[:, -1].float().cpu().numpy()
@@ -100,8 +100,10 @@ class KnnLogitsProcessor(_processor_base()):
         self._last = ("knn", mixed, (lm.cpu().numpy(), knn, lam, searched, queries if self.neighbours else None))
         return torch.as_tensor(mixed, dtype=scores.dtype, device=scores.device)
 
-    def _read_prompt(self, input_ids, keys, hidden) -> list[list[float]]:
-        """Score each row's prompt as a document; -> each row's trust multiple per search group."""
+    def read_prompt(self, input_ids, keys, hidden) -> list[list[float]]:
+        """Score each row's prompt as a document; -> each row's trust multiple per search group.
+        ``keys``/``hidden`` hold the states of the prompt's positions (at least all but the last),
+        from the first forward of ``generate`` or from a prefill whose KV cache it reuses."""
         import torch
 
         n_rows, width = input_ids.shape

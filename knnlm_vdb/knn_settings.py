@@ -64,7 +64,7 @@ def parse_lambda(value):
 
 
 def _label(store) -> str:
-    return getattr(store, "domain", None) or getattr(store, "path", None) or "the datastore"
+    return store.location if store is not None else "the datastore"
 
 
 def resolve(stores, k: int | None = None, temperature: float | None = None, lmbda=None,

@@ -148,6 +148,16 @@ def tiny_model_dirs(tmp_path_factory, tokenizer):
     return dirs
 
 
+@pytest.fixture(params=["lite", "server"])
+def uri(request, tmp_path):
+    """A Milvus database of the test's own: a fresh Milvus Lite file, or a fresh database on the
+    session's server (so a test that fakes a schema version disturbs no other)."""
+    if request.param == "lite":
+        yield str(tmp_path / "knnlm.db")
+    else:
+        yield from server_database(request.getfixturevalue("milvus_server").uri)
+
+
 @pytest.fixture()
 def corpus_file(tmp_path):
     p = tmp_path / "corpus.txt"

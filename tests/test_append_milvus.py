@@ -23,10 +23,12 @@ from click.testing import CliRunner
 
 from conftest import STORE_DIM, docs_file, server_database, store_info
 from knnlm_vdb.cli import main, make_encoder
-from knnlm_vdb.datastore import milvus_store
 from knnlm_vdb.datastore.base import StoreInfo, entry_ids
-from knnlm_vdb.datastore.milvus_store import MilvusDatastore, _connect, list_domains
-from knnlm_vdb.schema import _iterate
+from knnlm_vdb.datastore.milvus import MilvusDatastore, list_domains, validate_index
+from knnlm_vdb.datastore.milvus.catalog import iterate_rows
+from knnlm_vdb.datastore.milvus.connection import connect
+from knnlm_vdb.datastore.milvus.create import create_collection
+from knnlm_vdb.errors import KnnlmError
 
 WIN = ["--ctx", "64", "--stride", "32"]
 DIM = STORE_DIM
@@ -62,7 +64,7 @@ def rows_of(uri, domain) -> tuple[dict, dict]:
     """id -> target and id -> key of every row of a domain."""
     targets, keys = {}, {}
     with MilvusDatastore.open(uri, domain) as store:
-        for rows in _iterate(store.client, store.name, ["id", "target", "key"], 4096):
+        for rows in iterate_rows(store.client, store.name, ["id", "target", "key"], 4096):
             for r in rows:
                 targets[int(r["id"])] = int(r["target"])
                 keys[int(r["id"])] = np.asarray(r["key"], np.float32)
@@ -94,7 +96,7 @@ def test_append_creates_a_missing_domain_and_twice_adds_nothing(where, tmp_path,
     assert r.exit_code == 2 and "was built with model=" in r.output
 
 
-def test_concurrent_creators_share_one_domain(where, monkeypatch):
+def test_concurrent_creators_share_one_domain(where):
     """Indexed-Job pods that all start `append` on a new domain: one creates it, the rest open it."""
     kind, uri_for = where
     uri = uri_for("db")
@@ -122,20 +124,18 @@ def test_concurrent_creators_share_one_domain(where, monkeypatch):
     assert stores[0].count() == 10 * n
     for store in stores:
         store.close()
-    client = _connect(uri)
+    client = connect(uri)
     try:
         assert sorted(c for c in client.list_collections() if c.startswith("knnlm_shared")) == ["knnlm_shared__v1"]
         # an interrupted create (collection made, alias not) is adopted by the next creator
-        MilvusDatastore._create_collection(client, "knnlm_orphan__v1", DIM, milvus_store.validate_index("FLAT"),
-                                           "Strong", {"format_version": 1, "domain": "orphan",
-                                                      "info": INFO.to_dict(), "index": {"type": "FLAT",
-                                                      "build_params": {}, "search_params": {}}})
+        create_collection(client, "knnlm_orphan__v1", DIM, validate_index("FLAT"), "Strong",
+                          {"format_version": 1, "domain": "orphan", "info": INFO.to_dict(),
+                           "index": {"type": "FLAT", "build_params": {}, "search_params": {}}})
     finally:
         client.close()
-    with pytest.raises(milvus_store.KnnlmError, match="without its alias"):
+    with pytest.raises(KnnlmError, match="without its alias"):
         MilvusDatastore.create(uri, "orphan", INFO)
-    monkeypatch.setattr(milvus_store, "ALIAS_WAIT_S", 0.3)
-    with MilvusDatastore.open_or_create(uri, "orphan", INFO) as store:
+    with MilvusDatastore.open_or_create(uri, "orphan", INFO, alias_wait_s=0.3) as store:
         assert store._physical() == "knnlm_orphan__v1" and store.count() == 0
     assert "orphan" in list_domains(uri)
 

@@ -122,3 +122,56 @@ def test_bad_generation_parameters_are_refused(knnlm, kw, match):
 def test_empty_prompt_refused(knnlm):
     with pytest.raises(InvalidInput, match="empty"):
         knnlm.generate("")
+
+
+# ---- the CLI ------------------------------------------------------------------------------------
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from knnlm_vdb.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture()
+def cli_store(tmp_path, tiny_model_dirs):
+    corpus = tmp_path / "mem.txt"
+    corpus.write_text(MEMORISED + TINY_TEXT)
+    r = _cli("build", "--model", tiny_model_dirs["llama"], "--ctx", 128, "--stride", 64, "--corpus", corpus,
+             "--out", tmp_path / "ds", "--key-dtype", "float32")
+    assert r.exit_code == 0, r.output
+    return ["--model", tiny_model_dirs["llama"], "--ctx", 128, "--stride", 64, "--datastore", tmp_path / "ds"]
+
+
+def test_cli_generate_streams_the_memorised_continuation(cli_store):
+    r = _cli("generate", *cli_store, "--prompt", MEMORISED[:25], "--max-new-tokens", 15, "--lambda", 0.99,
+             "--k", 8)
+    assert r.exit_code == 0, r.output
+    assert r.output == MEMORISED[25:40] + "\n"
+
+
+def test_cli_generate_json_with_neighbours(cli_store, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(MEMORISED[:25])
+    r = _cli("generate", *cli_store, "--prompt-file", prompt, "--max-new-tokens", 4, "--lambda", 0.99, "--k", 8,
+             "--show-neighbours", 2, "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    out = json.loads(r.output)
+    assert out["text"] == MEMORISED[25:29]
+    first = out["steps"][0]["neighbours"][0]
+    assert first["doc_id"] == "mem.txt" and first["token"] == MEMORISED[25] and first["distance"] < 1e-3
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "--prompt TEXT or --prompt-file"),
+    (("--prompt", "x", "--prompt-file", "y"), "one of them"),
+    (("--prompt", "  "), "empty"),
+    (("--prompt", "x", "--sample", "--top-p", 0), "top_p"),
+    (("--prompt", "x", "--max-new-tokens", 0), "max_new_tokens"),
+])
+def test_cli_generate_bad_input_is_one_line_and_exit_2(cli_store, args, message):
+    r = _cli("generate", *cli_store, *args)
+    assert r.exit_code == 2
+    assert r.output.startswith("error: ") and message in r.output and r.output.count("\n") == 1

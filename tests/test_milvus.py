@@ -13,22 +13,14 @@ import pytest
 
 from conftest import STORE_DIM, store_info
 from knnlm_vdb.datastore import create_store, open_store
-from knnlm_vdb.datastore import milvus_store
 from knnlm_vdb.datastore.base import MISSING_VALUE, StoreInfo, entry_ids
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
-from knnlm_vdb.datastore.milvus_store import (MilvusDatastore, drop_domain, list_domains, validate_index)
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.datastore.milvus import MilvusDatastore, drop_domain, list_domains, redact_uri, validate_index
+from knnlm_vdb.datastore.milvus.store import BYTES_PER_HIT
+from knnlm_vdb.errors import BackendUnavailable, KnnlmError
 
 DIM = STORE_DIM
 INFO = store_info()
-
-
-@pytest.fixture(params=["lite", "server"])
-def uri(request, tmp_path):
-    """Where the store lives: a fresh Milvus Lite file, or the session's Milvus server."""
-    if request.param == "lite":
-        return str(tmp_path / "knnlm.db")
-    return request.getfixturevalue("milvus_server").uri
 
 
 @pytest.fixture()
@@ -100,12 +92,12 @@ def test_uri_domain_and_option_errors(tmp_path):
     with pytest.raises(KnnlmError, match="no Milvus Lite database"):
         MilvusDatastore.open(str(tmp_path / "missing.db"), "a")
     assert not (tmp_path / "a.db").exists()
-    assert milvus_store.redact_uri("https://user:secret@host:19530") == "https://***@host:19530"
+    assert redact_uri("https://user:secret@host:19530") == "https://***@host:19530"
 
 
 def test_unreachable_server_fails_fast():
     t = time.perf_counter()
-    with pytest.raises(KnnlmError, match=r"cannot connect to Milvus at http://127\.0\.0\.1:1\b"):
+    with pytest.raises(BackendUnavailable, match=r"cannot connect to Milvus at http://127\.0\.0\.1:1\b"):
         open_store("milvus", "http://127.0.0.1:1", domain="x", timeout=5, token="s3cret")
     with pytest.raises(KnnlmError, match="cannot connect") as info:
         list_domains("http://127.0.0.1:1", timeout=5, token="s3cret")
@@ -139,7 +131,7 @@ def test_invalid_index_refused_before_create(uri, domain):
             store.search(np.zeros((1, DIM), np.float32), 16)
 
 
-def test_flat_matches_faiss_exact(uri, domain, tmp_path, monkeypatch):
+def test_flat_matches_faiss_exact(uri, domain, tmp_path):
     ids, keys, values, positions = random_rows(500)
     exact = faiss_exact(tmp_path, ids, keys, values)
     with MilvusDatastore.create(uri, domain, INFO, index_type="FLAT") as store:
@@ -156,7 +148,7 @@ def test_flat_matches_faiss_exact(uri, domain, tmp_path, monkeypatch):
         exact_rows = np.argsort(((queries[:5, None, :] - keys[None]) ** 2).sum(-1), axis=1)[:, :10]
         np.testing.assert_array_equal(nn_ids, ids[exact_rows])
         # force many small RPCs: the split must not change results
-        monkeypatch.setattr(milvus_store, "RPC_BUDGET_BYTES", 7 * 10 * milvus_store.BYTES_PER_HIT)
+        store.rpc_budget_bytes = 7 * 10 * BYTES_PER_HIT
         assert store.queries_per_call(10) == 7
         d_s, v_s = store.search(queries, 10)
         np.testing.assert_array_equal(v_s, exact.search(queries, 10)[1])
@@ -210,10 +202,10 @@ def test_domains_are_isolated(uri, domain):
             drop_domain(uri, other)
 
 
-def test_readding_same_ids_adds_nothing(uri, domain, monkeypatch):
+def test_readding_same_ids_adds_nothing(uri, domain):
     ids, keys, values, positions = random_rows(120, domain=domain)
-    monkeypatch.setattr(milvus_store, "INSERT_BATCH_BYTES", 30 * (4 * DIM + 64 + 3))  # several upserts per add
-    with create_store("milvus", uri, INFO, domain=domain) as store:
+    batch = 30 * (4 * DIM + 64 + 3)  # several upserts per add
+    with create_store("milvus", uri, INFO, domain=domain, insert_batch_bytes=batch) as store:
         assert store.add(ids[:100], keys[:100], values[:100], positions=positions[:100]) == 100
         assert store.add(ids[:100], keys[:100], values[:100]) == 0
         assert store.add(ids[50:], keys[50:], values[50:]) == 20  # 50 stored, 20 new

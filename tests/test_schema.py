@@ -13,25 +13,21 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import STORE_DIM, server_database, store_info
+from conftest import STORE_DIM, store_info
 from knnlm_vdb.cli import main
 from knnlm_vdb.datastore import open_store
 from knnlm_vdb.datastore.base import entry_ids
-from knnlm_vdb.datastore.milvus_store import (SCHEMA_COLLECTION, MilvusDatastore, _connect, doc_id_index,
-                                              list_domains, read_schema_state, validate_index)
+from knnlm_vdb.datastore.milvus import MilvusDatastore, list_domains, validate_index
+from knnlm_vdb.datastore.milvus.connection import connect
+from knnlm_vdb.datastore.milvus.create import create_collection, doc_id_index
+from knnlm_vdb.datastore.milvus.naming import SCHEMA_COLLECTION
+from knnlm_vdb.datastore.milvus.reindex import reindex
+from knnlm_vdb.datastore.milvus.versions import latest_version, read_schema_state, write_schema_state
 from knnlm_vdb.errors import KnnlmError
-from knnlm_vdb.schema import latest_version, migrate, migrations, reindex, status, write_schema_state
+from knnlm_vdb.schema import migrate, migrations, status
 
 DIM = STORE_DIM
 INFO = store_info()
-
-
-@pytest.fixture(params=["lite", "server"])
-def uri(request, tmp_path):
-    if request.param == "lite":
-        yield str(tmp_path / "knnlm.db")
-    else:
-        yield from server_database(request.getfixturevalue("milvus_server").uri)
 
 
 def cli(*args, code=0, input=None):
@@ -69,7 +65,7 @@ def assert_same_view(a, b):
 
 def make_version_1(uri, domain):
     """Make ``domain`` look as release 0.1 left it: no doc_id index, schema version 1 recorded."""
-    client = _connect(uri)
+    client = connect(uri)
     try:
         physical = client.describe_collection(f"knnlm_{domain}")["collection_name"]
         client.release_collection(physical)
@@ -122,7 +118,7 @@ def test_migrate_from_version_1_keeps_the_data(uri):
     assert r["from"] == 1 and r["to"] == 2 == latest_version()
     assert len(r["applied"][0]["actions"]) == 1
 
-    client = _connect(uri)
+    client = connect(uri)
     try:
         assert doc_id_index(client, physical) == ("INVERTED" if uri.endswith(".db") else "Trie")
         assert client.query(physical, filter='doc_id == "doc"', output_fields=["count(*)"])[0]["count(*)"] == 400
@@ -135,7 +131,7 @@ def test_migrate_from_version_1_keeps_the_data(uri):
 
 def test_new_domains_are_created_at_the_newest_schema(uri):
     make_domain(uri, "fresh", n=10)
-    client = _connect(uri)
+    client = connect(uri)
     try:
         assert doc_id_index(client, "knnlm_fresh__v1") is not None
     finally:
@@ -146,7 +142,7 @@ def test_new_domains_are_created_at_the_newest_schema(uri):
 
 def test_a_database_newer_than_the_code_is_refused(uri, tiny_model_dirs, corpus_file):
     make_domain(uri, "docs", n=20)
-    client = _connect(uri)
+    client = connect(uri)
     try:
         write_schema_state(client, {"version": latest_version() + 1, "history": []})
     finally:
@@ -196,7 +192,7 @@ def test_reindex_keeps_count_results_ledger_and_settings(uri):
     reader = open_store("milvus", uri, domain="docs")  # opened before: reads through the alias throughout
 
     # invalid parameters are refused before anything is written
-    client = _connect(uri)
+    client = connect(uri)
     collections = sorted(client.list_collections())
     for bad in [dict(index_type="IVF_FLAT", index_params={"nlist": 8}, search_params={"nprobe": 16}),
                 dict(index_type="HNSW", search_params={"ef": 4}),  # below the tuned k=8
@@ -237,10 +233,10 @@ def test_reindex_keeps_count_results_ledger_and_settings(uri):
 
 def test_reindex_drops_the_leftover_of_an_interrupted_reindex(uri):
     make_domain(uri, "docs", n=50)
-    client = _connect(uri)
+    client = connect(uri)
     try:  # a reindex that died after creating its collection
-        MilvusDatastore._create_collection(client, "knnlm_docs__v2", DIM, validate_index("FLAT"), "Strong",
-                                           {"format_version": 1, "domain": "docs", "info": INFO.to_dict(), "index": {}})
+        create_collection(client, "knnlm_docs__v2", DIM, validate_index("FLAT"), "Strong",
+                          {"format_version": 1, "domain": "docs", "info": INFO.to_dict(), "index": {}})
         r = reindex(uri, "docs", "FLAT", drop_delay_s=0)
         assert r["to"] == "knnlm_docs__v3" and r["count"] == 50
         assert sorted(c for c in client.list_collections() if "__v" in c) == ["knnlm_docs__v3"]
@@ -273,17 +269,17 @@ def test_domains_list_describe_drop(uri):
 
 
 def test_a_second_process_on_a_lite_file_gets_a_clear_error(tmp_path):
-    """Milvus Lite locks its database directory: one process at a time, until that process exits."""
+    """Milvus Lite locks its database directory: one process at a time, until that process exits (exit 3: retry later)."""
     db = str(tmp_path / "knnlm.db")
     make_domain(db, "docs", n=5)  # this process now holds the lock
     r = subprocess.run([sys.executable, "-m", "knnlm_vdb", "domains", "list", "--uri", db],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "open in another process" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 3 and "open in another process" in r.stderr, r.stderr[-2000:]
 
 
 def test_schema_record_is_not_visible_as_a_domain(uri):
     migrate(uri)
-    client = _connect(uri)
+    client = connect(uri)
     try:
         assert client.has_collection(SCHEMA_COLLECTION)
         assert read_schema_state(client)["version"] == latest_version()

@@ -1,8 +1,11 @@
 """The small interface every datastore backend implements, and what they share.
 
 A datastore maps keys (LM hidden states) to values (the next token). Backends differ
-only behind ``add`` / ``search`` / ``count`` / ``describe``; index-specific knobs live
-in their index parameters.
+only behind ``add`` / ``search`` / ``count`` / ``describe`` / ``finalize``; index-specific
+knobs live in their index parameters. Every backend also says which id ``domain`` its entry
+ids belong to (``entry_ids``), so a caller never has to work it out, and reads the settings
+``tune`` stored with it as typed values (``tuned()``, ``calibration()``). A new backend passes
+``tests/test_backend_contract.py``.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import Incompatible, KnnlmError
 
 MISSING_VALUE = -1  # value of a neighbour slot that a store could not fill
 
@@ -47,8 +50,35 @@ class StoreInfo:
         for name in ("model", "dim", "key_type", "tokenizer"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
-                raise KnnlmError(f"datastore {where} was built with {name}={mine!r} but the current "
+                raise Incompatible(f"datastore {where} was built with {name}={mine!r} but the current "
                                  f"encoder has {name}={theirs!r}; use the same --model/--key-type or another datastore")
+
+
+@dataclass(frozen=True)
+class TunedSettings:
+    """The fixed k, T and λ that ``tune`` found best on validation text (stored as ``extra["tuned"]``)."""
+
+    k: int
+    temperature: float
+    lmbda: float
+    valid_ppl: float | None = None
+    valid_base_ppl: float | None = None
+    valid_tokens: int | None = None
+
+    def to_dict(self) -> dict:
+        """The stored form (key ``lambda``, as releases before this class wrote it)."""
+        d = {"k": self.k, "temperature": self.temperature, "lambda": self.lmbda, "valid_ppl": self.valid_ppl,
+             "valid_base_ppl": self.valid_base_ppl, "valid_tokens": self.valid_tokens}
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TunedSettings":
+        try:
+            return cls(k=int(d["k"]), temperature=float(d["temperature"]), lmbda=float(d["lambda"]),
+                       valid_ppl=d.get("valid_ppl"), valid_base_ppl=d.get("valid_base_ppl"),
+                       valid_tokens=d.get("valid_tokens"))
+        except (KeyError, TypeError, ValueError):
+            raise Incompatible(f"stored tuned settings are damaged: {d!r}; run `knnlm-vdb tune` again") from None
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -76,6 +106,16 @@ class Datastore(ABC):
     """Keys with their next-token values; searched by squared L2 distance."""
 
     info: StoreInfo
+
+    @property
+    @abstractmethod
+    def domain(self) -> str:
+        """The id domain: ``entry_ids(store.domain, ...)`` are this store's ids, so re-adding is a no-op."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the store lives (a directory, or URI with the domain), safe to print."""
 
     @abstractmethod
     def add(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray,
@@ -116,6 +156,22 @@ class Datastore(ABC):
 
     def flush(self) -> None:
         """Make everything added so far durable and visible."""
+
+    def finalize(self) -> None:
+        """After an ingest: make the store ready to search fast (train or seal its index). Idempotent."""
+        self.flush()
+
+    def tuned(self) -> TunedSettings | None:
+        """The settings ``tune`` stored, or None."""
+        raw = self.info.extra.get("tuned")
+        return TunedSettings.from_dict(raw) if raw else None
+
+    def calibration(self):
+        """The adaptive-λ ``Calibration`` that ``tune`` stored, or None."""
+        from knnlm_vdb.adaptive import Calibration
+
+        raw = self.info.extra.get("calibration")
+        return Calibration.from_dict(raw) if raw else None
 
     def close(self) -> None:
         self.flush()

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
-from knnlm_vdb.datastore.ledger import atomic_write_json
 from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_on_open, check_sizes, load_meta, read_index, refusal
 from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError, NotFound
+from knnlm_vdb.io import atomic_write_json
 from knnlm_vdb.settings import MAX_K
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,14 @@ class FaissDatastore(Datastore):
         return cls(path)
 
     # ---- raw rows -------------------------------------------------------------------------
+    @property
+    def domain(self) -> str:
+        return self.meta.get("domain", "default")
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     @property
     def dim(self) -> int:
         return self.info.dim
@@ -273,6 +281,12 @@ class FaissDatastore(Datastore):
         spec["indexed_count"] = int(index.ntotal)
         atomic_write_json(self.path / "meta.json", self.meta)
 
+    def finalize(self) -> None:
+        """Train the IVFPQ index once the rows are in (an exact index needs nothing); persist codes."""
+        if self.index_spec["type"] == "ivfpq" and not (self.path / "index.faiss").exists():
+            self.train()
+        self.flush()
+
     def search(self, queries: np.ndarray, k: int):
         if not 1 <= k <= MAX_K:  # the padding below is [n, k]: k=1e9 would try to allocate GiBs
             raise InvalidInput(f"--k must be a positive integer at most {MAX_K}, got {k}")
@@ -330,7 +344,7 @@ class FaissDatastore(Datastore):
         dist, rows = index.search(queries, min(n, self.count()))
         ids, values = self.ids(), self.values()
         where = self._entry_places()
-        domain = self.meta.get("domain", "default")
+        domain = self.domain
         out = []
         for d_row, r_row in zip(dist, rows):
             hits = []
@@ -347,7 +361,7 @@ class FaissDatastore(Datastore):
         from knnlm_vdb.datastore.base import entry_ids
 
         if getattr(self, "_places", None) is None or self._places[0] != self.count():
-            domain = self.meta.get("domain", "default")
+            domain = self.domain
             places = {}
             for doc, rec in self.ledger().documents().items():
                 positions = np.arange(1, rec.n_tokens, dtype=np.int64)

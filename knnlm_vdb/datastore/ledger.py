@@ -12,10 +12,11 @@ a document whose text changed), never the source of truth for the rows themselve
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from knnlm_vdb.io import atomic_write_json
 
 CHUNK_TARGETS = 4096  # targets per chunk: the unit of resumption and of sharding
 
@@ -61,16 +62,6 @@ class Ledger(ABC):
 
     def get(self, doc_id: str) -> DocRecord | None:
         return self.documents().get(doc_id)
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` to ``path`` by fsync and rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class JsonLedger(Ledger):

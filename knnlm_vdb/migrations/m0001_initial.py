@@ -13,11 +13,12 @@ from knnlm_vdb.errors import KnnlmError
 
 
 def upgrade(client, ctx) -> None:
-    from knnlm_vdb.datastore.milvus_store import FORMAT_VERSION, _read_meta
+    from knnlm_vdb.datastore.milvus.catalog import read_meta
+    from knnlm_vdb.datastore.milvus.naming import FORMAT_VERSION
 
     for domain, names in sorted(ctx.domain_collections().items()):
         for name in names:
-            _, meta = _read_meta(client, name)
+            _, meta = read_meta(client, name)
             if int(meta.get("format_version", 0)) > FORMAT_VERSION:
                 raise KnnlmError(f"collection {name} (domain {domain}) has format {meta['format_version']}, "
                                  f"newer than this knnlm-vdb understands ({FORMAT_VERSION})")

@@ -2,7 +2,7 @@
 
 ``append --replace`` and ``doc_id == "..."`` filters otherwise scan every row. Milvus Lite
 3.2 builds only INVERTED for VARCHAR fields; a 2.3 server only Trie (2.4+ both), so the type
-is picked per deployment (``milvus_store.DOC_ID_INDEX_TYPES``). Building a scalar index on a
+is picked per deployment (``datastore.milvus.index.DOC_ID_INDEX_TYPES``). Building a scalar index on a
 loaded collection keeps it loaded and every row in place: readers and writers carry on.
 Collections created since this version already have the index and are skipped.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 
 def upgrade(client, ctx) -> None:
-    from knnlm_vdb.datastore.milvus_store import DOC_ID_INDEX_TYPES, doc_id_index, ensure_doc_id_index
+    from knnlm_vdb.datastore.milvus.create import doc_id_index, ensure_doc_id_index
+    from knnlm_vdb.datastore.milvus.index import DOC_ID_INDEX_TYPES
 
     kind = "lite" if ctx.deployment == "lite" else "server"
     for domain, names in sorted(ctx.domain_collections().items()):

@@ -159,7 +159,7 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
             dk, dt, dl, _ = resolve_knn_settings([store], dk, dt, None)
         if dk > max_k:
             raise KnnlmError(f"domain {name}: its k={dk} exceeds --max-k {max_k}")
-        ingest_domain = store.describe().get("domain", "default") if backend == "faiss" else loc
+        ingest_domain = store.domain
         store.search(np.zeros((1, store.info.dim), np.float32), 1)  # load the index now
         served.append(Domain(name, store, backend, ingest_domain, dk, dt, dl, calibration))
         log.info("domain %s: %s", name, f"adaptive λ (k={calibration.k}, T={calibration.temperature})"

@@ -1,0 +1,248 @@
+"""kNN-LM generation: decode speed against the base model's ``generate``, and continuation quality.
+
+    python benchmarks/generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
+        [--prompts 200 --context 512 --new-tokens 32] [--speed-prompts 8 --speed-context 128 --speed-tokens 64] \
+        [--systems faiss-ivfpq,lite-hnsw,server-hnsw]
+
+The datastores are FAISS directories built and tuned by the CLI (``knnlm-vdb build`` + ``tune``;
+see ``make bench``), so they carry their tuned k, T, λ and the ``--lambda auto`` calibration.
+
+1. **Decode speed** (greedy): kNN-LM ``KnnLM.generate`` tokens/s against ``model.generate`` on the
+   same prompts in the same run, batch 1 and 8, fixed λ (the tuned setting) and ``--lambda auto``,
+   through FAISS IVFPQ (a trained copy of the pydocs datastore), Milvus Lite HNSW and a Milvus
+   standalone server HNSW (rows copied from the same datastore; the server is started here).
+2. **Continuation quality**: prompts of ``--context`` tokens at evenly spaced offsets of pydocs
+   test, greedy ``--new-tokens`` tokens, compared with the true continuation: token accuracy
+   (same token at the same position) and mean matched-prefix length, for the base LM, fixed λ
+   and auto, with the pydocs datastore (in domain) and the debref datastore (foreign), exact
+   FAISS search. The prompt's forward runs once per batch and its KV cache is shared by every
+   system (a copy each); a check on the first batch asserts this equals uncached generation.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, write_results
+
+from knnlm_vdb.api import KnnLM
+from knnlm_vdb.datastore.faiss_store import FaissDatastore
+from knnlm_vdb.encoder import Encoder
+from knnlm_vdb.lm import load_lm
+
+log = logging.getLogger("generate")
+SYSTEMS = ("faiss-ivfpq", "lite-hnsw", "server-hnsw")
+
+
+def arguments():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pydocs", required=True, help="FAISS datastore of pydocs train (built and tuned)")
+    ap.add_argument("--debref", required=True, help="FAISS datastore of debref train (built and tuned)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--speed-prompts", type=int, default=8)
+    ap.add_argument("--speed-context", type=int, default=128)
+    ap.add_argument("--speed-tokens", type=int, default=64)
+    ap.add_argument("--speed-k", type=int, default=None, help="k for the speed runs [default: the tuned k]")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--work-dir", default=str(CACHE / "generate-bench"))
+    ap.add_argument("--name", default="generate")
+    return ap.parse_args()
+
+
+def prompts_of(ids: list[int], n: int, context: int, new: int) -> list[tuple[list[int], list[int]]]:
+    """``n`` (prompt, true continuation) pairs at evenly spaced offsets of one token stream."""
+    last = len(ids) - context - new
+    starts = np.linspace(0, last, n).astype(int)
+    return [(ids[s:s + context], ids[s + context:s + context + new]) for s in starts]
+
+
+def greedy_base(lm: KnnLM, prompts: list[list[int]], new: int) -> tuple[list[list[int]], float]:
+    """The base model's own ``generate`` (no processor): continuations and wall seconds."""
+    ids = torch.tensor(prompts)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+    return out[:, ids.shape[1]:].tolist(), time.perf_counter() - t
+
+
+def speed(lm: KnnLM, prompts: list[list[int]], new: int, batch: int, lmbda, k: int) -> dict:
+    """Greedy tokens/s of kNN-LM decoding and of the base generate, same prompts, interleaved per batch."""
+    base_s = knn_s = 0.0
+    searched = total = 0
+    for i in range(0, len(prompts), batch):
+        part = prompts[i:i + batch]
+        _, s = greedy_base(lm, part, new)
+        base_s += s
+        steps = []
+        t = time.perf_counter()
+        knn = {"lmbda": "auto"} if lmbda == "auto" else {"lmbda": lmbda, "k": k}
+        lm.generate(part[0] if batch == 1 else part, max_new_tokens=new, on_step=steps.append, **knn)
+        knn_s += time.perf_counter() - t
+        searched += sum(s.searched for row in steps for s in row)
+        total += sum(len(row) for row in steps)
+    tokens = len(prompts) * new
+    return {"base_tokens_per_s": tokens / base_s, "knn_tokens_per_s": tokens / knn_s,
+            "ratio": base_s / knn_s, "searched": searched / max(1, total)}
+
+
+def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int) -> list[dict]:
+    """Token accuracy and matched-prefix length of greedy continuations, per system."""
+    lms = {name: KnnLM(enc, [store]) for name, store in stores.items()}
+    systems = [("base LM", None, 0.0)] + [(f"{name}, {kind}", name, lam) for name in stores
+                                          for kind, lam in (("fixed λ (tuned)", None), ("--lambda auto", "auto"))]
+    acc = {s[0]: [] for s in systems}
+    prefix = {s[0]: [] for s in systems}
+    searched = {s[0]: [0, 0] for s in systems}
+    seconds = {s[0]: 0.0 for s in systems}
+    model = enc.lm.model
+    t_start = time.perf_counter()
+    for i in range(0, len(pairs), batch):
+        part = pairs[i:i + batch]
+        ids = torch.tensor([p for p, _ in part])
+        with torch.inference_mode():
+            out = model(ids[:, :-1], use_cache=True)
+        cache = out.past_key_values
+        keys, hidden = (t.clone() for t in enc.captured())
+        for label, name, lam in systems:
+            lm = lms[name] if name else next(iter(lms.values()))
+            settings = lm.settings(lmbda=lam) if name else lm.settings(lmbda=0.0)
+            proc = lm.logits_processor(settings=settings)
+            if settings.adaptive:
+                proc.scales = proc.read_prompt(ids, keys, hidden)
+            steps = []
+            from knnlm_vdb.generate import StepStreamer
+
+            t = time.perf_counter()
+            with torch.inference_mode():
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=copy.deepcopy(cache),
+                                     max_new_tokens=new, min_new_tokens=new, do_sample=False, logits_processor=[proc],
+                                     pad_token_id=enc.lm.tokenizer.eos_token_id,
+                                     streamer=StepStreamer(proc, steps.append))
+            seconds[label] += time.perf_counter() - t
+            if i == 0 and label.endswith("auto"):  # the shared prefill changes nothing
+                one = lm.generate(part[0][0], max_new_tokens=new, lmbda="auto")
+                assert one.token_ids[:new] == gen[0, ids.shape[1]:].tolist()[:len(one.token_ids)], label
+            for row, (_, truth) in enumerate(part):
+                got = gen[row, ids.shape[1]:].tolist()
+                same = np.array(got[:len(truth)]) == np.array(truth)
+                acc[label].append(float(same.mean()))
+                prefix[label].append(int(np.argmin(same)) if not same.all() else len(truth))
+            searched[label][0] += sum(s.searched for row in steps for s in row)
+            searched[label][1] += sum(len(row) for row in steps)
+        log.info("quality: %d / %d prompts (%.0fs)", min(i + batch, len(pairs)), len(pairs),
+                 time.perf_counter() - t_start)
+    base_acc = float(np.mean(acc["base LM"]))
+    rows = []
+    for label, name, _ in systems:
+        a = float(np.mean(acc[label]))
+        rows.append({"system": label, "datastore": name or "–", "token_accuracy": a,
+                     "delta_vs_base_pct": 100 * (a / base_acc - 1), "matched_prefix": float(np.mean(prefix[label])),
+                     "searched": searched[label][0] / max(1, searched[label][1]) if name else None,
+                     "decode_seconds": seconds[label]})
+    return rows
+
+
+def main() -> None:
+    args = arguments()
+    setup_logging()
+    systems = parse_systems(args.systems, SYSTEMS)
+    t0 = time.perf_counter()
+    enc = Encoder(load_lm(args.model, device="cpu", dtype="float32"), ctx=1024, stride=512, batch_size=2)
+    pydocs, debref = FaissDatastore(args.pydocs), FaissDatastore(args.debref)
+    for s in (pydocs, debref):
+        if "calibration" not in s.info.extra:
+            raise SystemExit(f"{s.path} is not tuned: run `knnlm-vdb tune` on it first (see make bench)")
+    test_ids = enc.tokenize(corpus_file("pydocs", "test").read_text())
+    payload = {"args": vars(args), "entries": {"pydocs": pydocs.count(), "debref": debref.count()},
+               "tuned": {"pydocs": pydocs.info.extra["tuned"], "debref": debref.info.extra["tuned"]}}
+    tables = []
+    if not args.skip_quality:
+        pairs = prompts_of(test_ids, args.prompts, args.context, args.new_tokens)
+        rows = quality(enc, {"pydocs": pydocs, "debref": debref}, pairs, args.new_tokens, args.batch_size)
+        payload["quality"] = rows
+        tables.append(f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs test, "
+                      f"greedy {args.new_tokens} new tokens vs the true continuation; datastores pydocs "
+                      f"({pydocs.count():,} entries, in domain) and debref ({debref.count():,}, foreign), exact "
+                      "FAISS search, tuned k/T/λ and calibrations.\n\n" + markdown_table(rows, [
+                          ("system", "system", ""), ("token_accuracy", "token accuracy", ".4f"),
+                          ("delta_vs_base_pct", "Δ vs base %", "+.2f"), ("matched_prefix", "matched prefix", ".2f"),
+                          ("searched", "searched", ".0%"), ("decode_seconds", "decode s", ".0f")]))
+    if not args.skip_speed:
+        rows = run_speed(args, enc, pydocs, test_ids, systems)
+        payload["speed"] = rows
+        tables.append(f"**Decode speed** (greedy, {args.speed_prompts} prompts of {args.speed_context} tokens, "
+                      f"{args.speed_tokens} new tokens each; pydocs datastore, {pydocs.count():,} entries): "
+                      "kNN-LM tokens/s against the base model's `generate` in the same run.\n\n" + markdown_table(rows, [
+                          ("system", "system", ""), ("lambda", "λ", ""), ("k", "k", ""), ("batch", "batch", ""),
+                          ("base_tokens_per_s", "base tokens/s", ".1f"), ("knn_tokens_per_s", "kNN-LM tokens/s", ".1f"),
+                          ("ratio", "× base", ".2f"), ("searched", "searched", ".0%")]))
+    payload["seconds"] = time.perf_counter() - t0
+    write_results(args.name, payload, "\n\n".join(tables))
+
+
+def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
+    from milvus_vs_faiss import load_rows
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = [p for p, _ in prompts_of(test_ids, args.speed_prompts, args.speed_context, args.speed_tokens)]
+    tuned = pydocs.info.extra["tuned"]
+    k = args.speed_k or int(tuned["k"])
+    stores, server = {}, None
+    try:
+        for system in systems:
+            if system == "faiss-ivfpq":
+                path = work / "pydocs-ivfpq"
+                if not (path / "index.faiss").exists():
+                    import shutil
+
+                    shutil.rmtree(path, ignore_errors=True)
+                    pydocs.copy_to(path, index="ivfpq")
+                stores[system] = FaissDatastore(path)
+            else:
+                where = system.split("-")[0]
+                if where == "server" and server is None:
+                    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+                    from milvus_server import MilvusTestServer
+
+                    server = MilvusTestServer(tempfile.mkdtemp(prefix="milvus-server-", dir=work))
+                    server_uri = server.start(timeout_s=300)
+                uri = str(work / "pydocs-lite.db") if where == "lite" else server_uri
+                options = {"index_type": "HNSW", "index_params": {"M": 16, "efConstruction": 100},
+                           "search_params": {"ef": max(64, k)}, "consistency": "Strong"}
+                stores[system], _ = load_rows(pydocs, uri, "pydocs", options, batch=4096)
+        rows = []
+        for system, store in stores.items():
+            lm = KnnLM(enc, [store])
+            for batch in (1, 8):
+                for lam in (tuned["lambda"], "auto"):
+                    r = speed(lm, prompts, args.speed_tokens, batch, lam, k)
+                    rows.append({"system": {"faiss-ivfpq": "FAISS IVFPQ", "lite-hnsw": "Milvus Lite HNSW",
+                                            "server-hnsw": "Milvus server HNSW"}[system],
+                                 "lambda": lam, "k": pydocs.info.extra["calibration"]["k"] if lam == "auto" else k,
+                                 "batch": batch, **r})
+                    log.info("speed %s", rows[-1])
+        return rows
+    finally:
+        for s in stores.values():
+            s.close()
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Reindexing a domain without downtime: build a new collection beside the old one, swap the alias.
+
+Readers and writers name a domain's alias, never its collection. Reindex creates
+``knnlm_D__v<N+1>`` with the new index, copies every row into it (a query iterator over the old
+one), seals it and waits for the index, copies what appends added meanwhile, checks both counts
+are equal, moves the alias, copies any rows that landed in the old collection just before the
+move, then drops the old collection (or keeps it, marked retired, with ``keep_old``). The ledger
+collection is not behind the alias and stays as it is; the metadata (model, tuned settings) moves
+with the alias. Deleting rows (``append --replace``) while a reindex runs may leave the deleted
+rows in the new collection.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from knnlm_vdb.datastore.milvus.catalog import count_rows, iterate_rows, no_such_domain, properties, read_meta
+from knnlm_vdb.datastore.milvus.connection import (connect, deployment_of, ensure_loaded, index_done, rpc,
+                                                   supports_aliases, wait_for_index)
+from knnlm_vdb.datastore.milvus.create import create_collection
+from knnlm_vdb.datastore.milvus.index import CONSISTENCY_LEVELS, validate_index
+from knnlm_vdb.datastore.milvus.naming import (META_PROPERTY, RETIRED_PROPERTY, ROW_FIELDS, alias_name, check_domain,
+                                               collection_name, generation_pattern, row_bytes)
+from knnlm_vdb.datastore.milvus.store import ID_CHECK_BATCH, INSERT_BATCH_BYTES
+from knnlm_vdb.datastore.milvus.versions import check_schema_version
+from knnlm_vdb.errors import KnnlmError
+
+log = logging.getLogger(__name__)
+
+
+def _ids(client, name: str) -> np.ndarray:
+    parts = [np.fromiter((r["id"] for r in rows), np.int64, len(rows)) for rows in iterate_rows(client, name, ["id"], 16384)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _copy_ids(client, src: str, dst: str, ids: np.ndarray, batch: int) -> int:
+    """Upsert the rows ``ids`` of ``src`` into ``dst``; return how many were found."""
+    n = 0
+    step = min(batch, ID_CHECK_BATCH)
+    for i in range(0, len(ids), step):
+        rows = client.query(src, filter=f"id in {ids[i:i + step].tolist()}", output_fields=ROW_FIELDS,
+                            consistency_level="Strong")
+        if rows:
+            client.upsert(dst, rows)
+            n += len(rows)
+    return n
+
+
+def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = None,
+            search_params: dict | None = None, keep_old: bool = False, token: str | None = None,
+            timeout: float | None = None, db_name: str | None = None, show_progress: bool = False,
+            index_timeout_s: float = 3600.0, drop_delay_s: float = 2.0) -> dict:
+    """Rebuild ``domain`` with another index into a new collection and swap the alias (module doc)."""
+    from tqdm.auto import tqdm
+
+    check_domain(domain)
+    deployment = deployment_of(uri)
+    client = connect(uri, token, timeout, db_name, must_exist=True)
+    t0 = time.perf_counter()
+    new = None
+    swapped = False
+    try:
+        with rpc(f"reindex domain {domain}", uri):
+            check_schema_version(client, uri)
+            alias = alias_name(domain)
+            if not supports_aliases(client):
+                raise KnnlmError("this Milvus has no collection aliases; reindexing without downtime needs them")
+            if not client.has_collection(alias):
+                raise no_such_domain(client, uri, domain)
+            desc, meta = read_meta(client, alias)
+            if not meta:
+                raise KnnlmError(f"Milvus collection {desc.get('collection_name')} was not created by knnlm-vdb")
+            old = desc["collection_name"]
+            ensure_loaded(client, old)  # Lite forgets loads between processes; iterators need it
+            dim = int(meta["info"]["dim"])
+            tuned_k = (meta["info"].get("extra") or {}).get("tuned", {}).get("k")
+            index = validate_index(index_type, index_params, search_params, deployment=deployment, dim=dim,
+                                      k=int(tuned_k) if tuned_k else None)
+            pattern = generation_pattern(domain)
+            generations = {int(m.group(1)): n for n in client.list_collections() if (m := pattern.fullmatch(n))}
+            for n in sorted(generations.values()):
+                if n == old:
+                    continue
+                if RETIRED_PROPERTY not in properties(client, n):
+                    log.warning("dropping %s, left behind by an interrupted reindex of %s", n, domain)
+                    client.drop_collection(n)
+            generation = max(generations) + 1
+            new = collection_name(domain, generation)
+            consistency = desc.get("consistency_level_name") or "Strong"
+            if consistency not in CONSISTENCY_LEVELS:
+                consistency = "Strong"
+            new_meta = {**meta, "index": index.to_dict(), "generation": generation}
+            create_collection(client, new, dim, index, consistency, new_meta, deployment=deployment)
+
+            # bulk copy: a consistent snapshot of the old collection
+            total = count_rows(client, old)
+            batch = int(max(64, min(16384, INSERT_BATCH_BYTES // row_bytes(dim))))
+            bar = tqdm(total=total, unit="row", desc="copy", disable=not show_progress)
+            copied = 0
+            for rows in iterate_rows(client, old, ROW_FIELDS, batch):
+                client.insert(new, rows)
+                copied += len(rows)
+                bar.update(len(rows))
+            bar.close()
+            t_copy = time.perf_counter()
+            client.flush(new)
+            state = wait_for_index(client, new, index_timeout_s, poll_s=0.5)
+            if not index_done(state):
+                raise KnnlmError(f"the new index on {new} was not built within {index_timeout_s:.0f}s ({state})")
+            t_index = time.perf_counter()
+
+            # catch up with appends (and deletes) that reached the old collection during the copy
+            caught_up = 0
+            for attempt in range(5):
+                old_ids, new_ids = _ids(client, old), _ids(client, new)
+                missing = np.setdiff1d(old_ids, new_ids)
+                extra = np.setdiff1d(new_ids, old_ids)
+                caught_up += _copy_ids(client, old, new, missing, batch)
+                for i in range(0, len(extra), ID_CHECK_BATCH):
+                    client.delete(new, ids=extra[i:i + ID_CHECK_BATCH].tolist())
+                n_old, n_new = count_rows(client, old), count_rows(client, new)
+                if n_old == n_new:
+                    break
+                log.info("reindex %s: %d rows in %s, %d in %s; catching up again", domain, n_old, old, n_new, new)
+            else:
+                raise KnnlmError(f"reindex of {domain!r}: {new} holds {n_new} rows but {old} holds {n_old} after "
+                                 f"5 catch-up passes (is something writing heavily?); nothing was swapped")
+            ensure_loaded(client, new)
+            # the metadata as it is now (tune may have stored settings meanwhile), then the swap
+            _, meta_now = read_meta(client, old)
+            new_meta = {**meta_now, "index": index.to_dict(), "generation": generation}
+            client.alter_collection_properties(new, properties={META_PROPERTY: json.dumps(new_meta, sort_keys=True)})
+            client.alter_alias(new, alias)
+            swapped = True
+            log.info("domain %s now reads %s (%s); was %s", domain, new, index.index_type, old)
+            # rows written to the old collection just before the swap took effect
+            stragglers = np.setdiff1d(np.setdiff1d(_ids(client, old), old_ids), _ids(client, new))
+            caught_up += _copy_ids(client, old, new, stragglers, batch)
+            count = count_rows(client, new)
+            if keep_old:
+                client.alter_collection_properties(old, properties={RETIRED_PROPERTY: json.dumps(
+                    {"replaced_by": new, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})})
+            else:
+                time.sleep(drop_delay_s)  # let searches already sent to the old collection finish
+                client.drop_collection(old)
+    except BaseException:
+        if new is not None and not swapped:
+            try:
+                if client.has_collection(new):
+                    client.drop_collection(new)
+            except Exception as exc:  # keep the original error
+                log.warning("could not remove the unfinished %s: %s", new, exc)
+        raise
+    finally:
+        client.close()
+    return {"domain": domain, "from": old, "to": new, "kept_old": keep_old, "count": count, "copied": copied,
+            "caught_up": caught_up, "index": index.to_dict(), "copy_seconds": round(t_copy - t0, 3),
+            "index_seconds": round(t_index - t_copy, 3), "seconds": round(time.perf_counter() - t0, 3)}
