@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from knnlm_vdb.cli_common import emit, milvus_options, opt
-from knnlm_vdb.errors import InvalidInput, KnnlmError, NotFound
+from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -103,40 +103,47 @@ def repair_faiss(path: str | Path, report: dict) -> list[str]:
 
 def unrepairable(path: Path, damage: list[dict]) -> KnnlmError:
     from knnlm_vdb.datastore.faiss_check import REBUILD_HINT
-    from knnlm_vdb.errors import Incompatible
 
     return Incompatible(f"cannot repair {path} (no safe repair, rows are lost): {damage[0]['message']}; "
                         f"{REBUILD_HINT}")
 
 
 def check_milvus(uri: str, domain: str, token: str | None = None) -> dict:
-    """A report on a Milvus domain: entry count against the ledger, stored metadata, index."""
+    """A report on a Milvus domain: its metadata, entry count against the ledger, index state.
+    Opening a domain only reads (it never creates a database or a collection)."""
     from knnlm_vdb.datastore import open_store
     from knnlm_vdb.datastore.faiss_check import Finding, ledger_rows
 
-    store = open_store("milvus", uri, domain=domain, token=token)
+    report = {"backend": "milvus", "uri": uri, "domain": domain, "count": None, "bytes_per_entry": None}
+    try:
+        store = open_store("milvus", uri, domain=domain, token=token)
+    except Incompatible as exc:  # damaged metadata: report it rather than refuse
+        report.update(damage=[Finding("meta:invalid", str(exc)).to_dict()], notes=[], healthy=False)
+        return report
+    found = []
     try:
         desc = store.describe()
-        n = store.count()
-        found = []
-        try:
-            docs = store.ledger().documents()
-        except KnnlmError as exc:
-            docs = {}
-            found.append(Finding("ledger:unreadable", f"the ledger cannot be read ({exc})"))
+        n = desc["count"]
+        docs = store.ledger().documents()
         claimed = ledger_rows(docs)
         if claimed > n:
             found.append(Finding("ledger:ahead_of_rows", f"the ledger records {claimed} committed rows, the "
                                                          f"collection holds {n}"))
-        for name in ("model", "key_type", "tokenizer"):
-            if not getattr(store.info, name, None):
-                found.append(Finding(f"meta:{name}", f"the stored metadata has no {name}"))
+        index = desc.get("index") or {}
+        if str(index.get("state", "")).lower() == "failed" or "error" in index:
+            found.append(Finding("index:failed", f"the vector index is not usable: "
+                                                 f"{index.get('error') or index.get('state')}"))
+        elif index.get("pending_index_rows"):
+            found.append(Finding("index:pending", f"{index['pending_index_rows']} rows are not indexed yet (searched "
+                                                  f"by brute force until Milvus indexes them)", damage=False))
     finally:
         store.close()
-    return {"backend": "milvus", "uri": uri, "domain": domain, "count": n, "dim": store.info.dim,
-            "index": desc.get("index"), "ledger_documents": len(docs), "ledger_rows": claimed,
-            "bytes_per_entry": None, "damage": [f.to_dict() for f in found if f.damage],
-            "notes": [f.to_dict() for f in found if not f.damage], "healthy": not any(f.damage for f in found)}
+    report.update(count=n, dim=desc["dim"], model=desc["model"], index=desc.get("index"),
+                  collection=desc.get("collection"), ledger_documents=len(docs), ledger_rows=claimed,
+                  row_bytes_per_entry=4 * desc["dim"] + 8 + 4 + 8,  # key float32, id, target, position (+ doc_id)
+                  damage=[f.to_dict() for f in found if f.damage], notes=[f.to_dict() for f in found if not f.damage])
+    report["healthy"] = not report["damage"]
+    return report
 
 
 def _lines(report: dict, repaired: list[str]) -> list[str]:
@@ -146,7 +153,8 @@ def _lines(report: dict, repaired: list[str]) -> list[str]:
     if report.get("count") is not None:
         bpe = report.get("bytes_per_entry")
         lines.append(f"  entries {report['count']:,} (dim {report.get('dim')}), ledger rows {report.get('ledger_rows')}"
-                     + (f", {bpe:,} bytes per entry on disk" if bpe else ""))
+                     + (f", {bpe:,} bytes per entry on disk" if bpe else "")
+                     + (f", {report['row_bytes_per_entry']} bytes per row" if report.get("row_bytes_per_entry") else ""))
     lines += [f"  damage   {d['name']}: {d['message']}" + (f" [repair: {d['repair']}]" if d["repair"] else "")
               for d in report["damage"]]
     lines += [f"  note     {d['name']}: {d['message']}" for d in report["notes"]]

@@ -232,3 +232,48 @@ def test_json_output_is_strict(tmp_path):
     out = strict_json({"a": float("inf"), "b": [np.float32("nan"), 1.5], "c": np.int64(3), "d": np.array([1.0])})
     assert out == {"a": None, "b": [None, 1.5], "c": 3, "d": [1.0]}
     json.dumps(out, allow_nan=False)
+
+
+# ---- Milvus (Lite): damaged metadata is refused on open and reported by check ------------------------
+@pytest.mark.parametrize("field", ["info.dim", "info.model", "info.tokenizer", "index.type", "index", "info"])
+def test_each_missing_milvus_meta_field_is_refused_and_reported(tmp_path, corpus_file, field, tiny_model_dirs):
+    from knnlm_vdb.datastore import create_store
+
+    uri = str(tmp_path / "m.db")
+    store = create_store("milvus", uri, INFO, domain="docs")
+    rng = np.random.default_rng(0)
+    store.add(entry_ids("docs", "doc", np.arange(50)), rng.standard_normal((50, 16)).astype(np.float32),
+              rng.integers(0, 1000, 50))
+    store.flush()
+    collection = store.describe()["collection"]
+    raw = store.client.describe_collection(collection)["properties"]["knnlm.meta"]
+    meta = json.loads(raw)
+    _drop(field)(meta)
+    store.client.alter_collection_properties(collection, properties={"knnlm.meta": json.dumps(meta)})
+    store.client.close()
+    r = run("check", "--uri", uri, "--domain", "docs", "--json")
+    assert r.exit_code == 2, r.output
+    report = json.loads(r.output)
+    assert not report["healthy"] and field in report["damage"][0]["message"], report
+    r = run("eval", "--model", tiny_model_dirs["llama"], *WIN, "--uri", uri, "--domain", "docs", "--corpus", corpus_file)
+    refused_cleanly(r, "is damaged", field)  # (a Milvus domain is opened after the model loads)
+    from pymilvus import MilvusClient
+
+    with_client = MilvusClient(uri)
+    assert json.loads(with_client.describe_collection(collection)["properties"]["knnlm.meta"]) == meta  # unchanged
+    with_client.close()
+
+
+def test_check_reports_a_healthy_milvus_domain(tmp_path):
+    from knnlm_vdb.datastore import create_store
+
+    uri = str(tmp_path / "m.db")
+    store = create_store("milvus", uri, INFO, domain="docs")
+    store.add(entry_ids("docs", "doc", np.arange(30)), np.ones((30, 16), np.float32), np.arange(30))
+    store.close()
+    r = run("fsck", "--uri", uri, "--domain", "docs", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["healthy"] and report["count"] == 30 and report["damage"] == []
+    assert run("check", "--uri", str(tmp_path / "none.db"), "--domain", "docs").exit_code == 2
+    assert not (tmp_path / "none.db").exists()  # check only reads

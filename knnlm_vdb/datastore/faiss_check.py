@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from knnlm_vdb.datastore.base import info_damage, is_int, typed_damage
 from knnlm_vdb.datastore.ledger import CHUNK_TARGETS, chunk_range
 
 KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 ROW_FILES = ("keys.bin", "values.bin", "ids.bin")
-_INFO_FIELDS = {"model": str, "key_type": str, "dim": int, "tokenizer": str, "vocab_size": int}
 _INDEX_FIELDS = {"type": str, "nprobe": int, "indexed_count": int}
 INDEX_REPAIR = "retrain the IVFPQ index from the stored keys"
 FORGET_REPAIR = "forget those documents in the ledger, so that the next append re-ingests them"
@@ -44,16 +44,6 @@ class Finding:
         return asdict(self)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _typed(obj: dict, fields: dict, prefix: str, missing) -> None:
-    for name, typ in fields.items():
-        if not isinstance(obj.get(name), typ) or (typ is int and not _is_int(obj.get(name))):
-            missing(f"{prefix}.{name}", typ.__name__)
-
-
 def check_meta(meta) -> list[Finding]:
     """Every field the datastore needs, of the right type."""
     if not isinstance(meta, dict):
@@ -67,20 +57,20 @@ def check_meta(meta) -> list[Finding]:
     if not isinstance(info, dict):
         missing("info", "an object")
     else:
-        _typed(info, _INFO_FIELDS, "info", missing)
-        if _is_int(info.get("dim")) and info["dim"] < 1:
-            missing("info.dim", "a positive int")
+        for field, want in info_damage(info):
+            missing(f"info.{field}", want)
     if meta.get("key_dtype") not in KEY_DTYPES:
         missing("key_dtype", "float16 or float32")
-    if not _is_int(meta.get("count")) or meta["count"] < 0:
+    if not is_int(meta.get("count")) or meta["count"] < 0:
         missing("count", "a non-negative int")
-    if not _is_int(meta.get("format_version", 0)):
+    if not is_int(meta.get("format_version", 0)):
         missing("format_version", "an int")
     index = meta.get("index")
     if not isinstance(index, dict):
         missing("index", "an object")
     else:
-        _typed(index, _INDEX_FIELDS, "index", missing)
+        for field, want in typed_damage(index, _INDEX_FIELDS):
+            missing(f"index.{field}", want)
         if index.get("type") not in ("flat", "ivfpq"):
             missing("index.type", "flat or ivfpq")
     return out
