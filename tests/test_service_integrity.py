@@ -12,13 +12,11 @@ import grpc
 import pytest
 from click.testing import CliRunner
 from conftest import TINY_TEXT, serve_listening_line
+from test_security import encoder, store_dir  # noqa: F401  (module fixtures: a tiny LM and a FAISS domain "code")
 
 from knnlm_vdb.cli import main
-from knnlm_vdb.corpus import Document
-from knnlm_vdb.datastore import StoreInfo, create_store, open_store
-from knnlm_vdb.encoder import Encoder
+from knnlm_vdb.datastore import open_store
 from knnlm_vdb.errors import InvalidInput
-from knnlm_vdb.ingest import ingest
 from knnlm_vdb.service import commands
 from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service.client import KnnlmClient
@@ -26,20 +24,6 @@ from knnlm_vdb.service.security import TokenAuth
 from knnlm_vdb.service.server import Domain, KnnlmServer, KnnlmService, Limits, Listen
 
 READ, WRITE = "read-token-4c1d", "write-token-9e7a"
-
-
-@pytest.fixture(scope="module")
-def encoder(llama_lm):
-    return Encoder(llama_lm, ctx=64, stride=32, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def store_dir(encoder, tmp_path_factory):
-    path = tmp_path_factory.mktemp("svc16") / "code"
-    s = create_store("faiss", str(path), StoreInfo.for_encoder(encoder), key_dtype="float32", domain="code")
-    ingest(encoder, s, [Document("fox", TINY_TEXT)], domain="code", show_progress=False)
-    s.close()
-    return path
 
 
 def start(encoder, store_dir, interceptors=()):

@@ -18,6 +18,7 @@ import numpy as np
 
 from knnlm_vdb.datastore.base import info_damage, is_int, typed_damage
 from knnlm_vdb.datastore.ledger import CHUNK_TARGETS, chunk_range
+from knnlm_vdb.errors import Incompatible, NotFound
 
 KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 ROW_FILES = ("keys.bin", "values.bin", "ids.bin")
@@ -178,6 +179,20 @@ def refusal(path: Path, damage: list[Finding]) -> str:
     hint = (f"run `knnlm-vdb check --repair --datastore {path}`" if repairable else
             f"see `knnlm-vdb check --datastore {path}`; {REBUILD_HINT}")
     return f"FAISS datastore {path} is damaged: {damage[0].message}{more}; {hint}"
+
+
+def open_meta(path: Path, format_version: int) -> dict:
+    """meta.json of a datastore that passes the checks every open runs; else NotFound/Incompatible."""
+    if not (path / "meta.json").is_file():
+        raise NotFound(f"no FAISS datastore at {path} (missing meta.json); build one with `knnlm-vdb build`")
+    meta, found = load_meta(path)
+    if isinstance(meta, dict) and is_int(meta.get("format_version", 0)) and meta.get("format_version", 0) > format_version:
+        raise Incompatible(f"datastore {path} has format {meta['format_version']}, newer than this "
+                           f"knnlm-vdb understands ({format_version}); upgrade knnlm-vdb")
+    damage = [f for f in (found or check_on_open(path, meta)) if f.damage]
+    if damage:
+        raise Incompatible(refusal(path, damage))
+    return meta
 
 
 def load_meta(path: Path) -> tuple[dict | None, list[Finding]]:

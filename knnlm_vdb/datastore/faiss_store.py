@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
-from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_on_open, check_sizes, load_meta, read_index, refusal
-from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError, NotFound
+from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_sizes, open_meta, read_index, refusal
+from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError
 from knnlm_vdb.io import atomic_write_json
 from knnlm_vdb.settings import MAX_K
 
@@ -73,18 +73,7 @@ class FaissDatastore(Datastore):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         _recover_interrupted_swap(self.path)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
-            raise NotFound(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
-        meta, found = load_meta(self.path)
-        if isinstance(meta, dict) and isinstance(meta.get("format_version", 0), int) \
-                and meta.get("format_version", 0) > FORMAT_VERSION:
-            raise Incompatible(f"datastore {self.path} has format {meta['format_version']}, newer than this "
-                               f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
-        damage = [f for f in (found or check_on_open(self.path, meta)) if f.damage]
-        if damage:
-            raise Incompatible(refusal(self.path, damage))
-        self.meta = meta
+        self.meta = meta = open_meta(self.path, FORMAT_VERSION)
         self.info = StoreInfo.from_dict(meta["info"])
         self.key_dtype = KEY_DTYPES[self.meta["key_dtype"]]
         self._index = None
