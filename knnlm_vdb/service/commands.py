@@ -15,6 +15,7 @@ from knnlm_vdb.cli_common import (TOKEN_ENV, emit, knn_options, location_options
                            model_options, open_stores, parse_lambda, resolve_knn_settings, resolve_locations)
 from knnlm_vdb.errors import InvalidInput, KnnlmError
 from knnlm_vdb.service import security
+from knnlm_vdb.settings import MAX_K
 
 log = logging.getLogger("knnlm_vdb.serve")
 
@@ -134,6 +135,8 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
                              ("--max-request-bytes", max_request_bytes, 1024), ("--max-concurrent", max_concurrent, 1)):
         if value is not None and value < low:
             raise KnnlmError(f"{name} must be at least {low}, got {value}")
+    if max_k > MAX_K:
+        raise InvalidInput(f"--max-k must be at most {MAX_K} (the most neighbours any backend returns), got {max_k}")
     if batch_wait_ms < 0 or request_timeout <= 0 or grace < 0:
         raise KnnlmError("--batch-wait-ms and --grace must be >= 0 and --request-timeout > 0")
     lam = parse_lambda(lmbda)
