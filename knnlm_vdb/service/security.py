@@ -140,7 +140,7 @@ class TokenAuth(grpc.ServerInterceptor):
         if method in WRITE_METHODS and scope != "write" and not self._read_may_write:
             log.info("refused %s: read-only token", method)
             why = "this token may only read" if self._write else \
-                "the server has none configured (or was started with --allow-read-token-writes)"
+                "the server has none configured (give it one, or start it with --allow-read-token-writes)"
             return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
                            f"{method.rsplit('/', 1)[-1]} needs a write token; {why}")
         return handler
