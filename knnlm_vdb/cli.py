@@ -276,5 +276,8 @@ from knnlm_vdb.admin import domains, migrate, reindex  # noqa: E402
 main.add_command(domains)
 main.add_command(migrate)
 main.add_command(reindex)
+from knnlm_vdb.check import check  # noqa: E402
+main.add_command(check)
+main.add_command(check, name="fsck")
 from knnlm_vdb.cli_generate import generate  # noqa: E402
 main.add_command(generate)

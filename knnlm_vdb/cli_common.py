@@ -5,12 +5,15 @@ admin.py) can use it without importing the command group that registers them.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import re
 
 import click
 
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import InvalidInput, KnnlmError
 from knnlm_vdb.knn_settings import parse_lambda  # noqa: F401  (re-exported for the commands)
 from knnlm_vdb.settings import DEFAULTS, KEY_TYPES, env_name
 
@@ -25,7 +28,33 @@ def opt(name: str, *decls, **kw):
     return click.option(flag, *decls, envvar=env_name(name), **kw)
 
 
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def checked_before(check):
+    """Decorator: run ``check(kwargs)`` on the command's options before its body, so a bad option
+    fails in well under a second, before any model load or write."""
+    def deco(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            check(kwargs)
+            return f(*args, **kwargs)
+        return wrapper
+    return deco
+
+
+def check_model_options(o: dict) -> None:
+    from knnlm_vdb.encoder import sliding_windows
+
+    sliding_windows(o["ctx"], o["ctx"], o["stride"])  # --ctx >= 2, 1 <= --stride <= --ctx
+    if o["batch_size"] < 1:
+        raise InvalidInput(f"--batch-size must be positive, got {o['batch_size']}")
+    if not _DEVICE_RE.fullmatch(o["device"] or ""):
+        raise InvalidInput(f"--device must be auto, cpu, mps, cuda or cuda:N, got {o['device']!r}")
+
+
 def model_options(f):
+    f = checked_before(check_model_options)(f)
     for o in reversed([
         opt("model", help="hub id, local directory, .gguf file, or smollm2-135m (bundled)"),
         opt("key_type", type=click.Choice(KEY_TYPES), help="which hidden state is the key"),
@@ -39,8 +68,20 @@ def model_options(f):
     return f
 
 
+def check_location_options(o: dict) -> None:
+    """Names and URI are well formed; a FAISS datastore exists and passes its integrity checks
+    (opening one reads only meta.json, the ledger and file sizes)."""
+    backend, locations = resolve_locations(o["datastores"], o["backend"], o["uri"], o["domains"])
+    if backend == "faiss":
+        from knnlm_vdb.datastore.faiss_store import FaissDatastore
+
+        for loc in locations:
+            FaissDatastore(loc)
+
+
 def location_options(multiple: bool):
     def deco(f):
+        f = checked_before(check_location_options)(f)
         for o in reversed([
             click.option("--datastore", "datastores", multiple=multiple, type=click.Path(),
                          help="FAISS datastore directory" + (" (repeatable)" if multiple else "")),
@@ -76,6 +117,11 @@ def resolve_locations(datastores, backend, uri, domains) -> tuple[str, list[str]
         return backend, datastores
     if datastores:
         raise KnnlmError("--datastore is a FAISS directory; for Milvus use --uri and --domain")
+    from knnlm_vdb.datastore.milvus import check_domain, deployment_of
+
+    deployment_of(uri)  # the URI scheme, before anything loads or connects
+    for d in domains:
+        check_domain(d)
     return backend, domains or ["default"]
 
 
@@ -117,7 +163,15 @@ def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None):
     return s.k, s.temperature, s.lmbda, (list(s.calibrations) if s.adaptive else None)
 
 
+def check_knn_options(o: dict) -> None:
+    from knnlm_vdb.knn import check_params
+
+    lam = parse_lambda(o["lmbda"])
+    check_params(lmbda=None if lam == "auto" else lam, k=o["k"], temperature=o["temperature"])
+
+
 def knn_options(f):
+    f = checked_before(check_knn_options)(f)
     for o in reversed([
         click.option("--k", type=int, default=None, envvar=env_name("k"),
                      help=f"neighbours per query [default: tuned, else {DEFAULTS['k']}]"),
@@ -152,9 +206,23 @@ def read_token_sequences(encoder, corpus_files, max_tokens):
     return sequences
 
 
+def strict_json(obj):
+    """``obj`` with every non-finite number (NaN, ±inf) as None and numpy scalars as Python ones,
+    so the output is standard JSON (RFC 8259 has no NaN/Infinity) that any parser reads."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if getattr(obj, "ndim", None) is not None and hasattr(obj, "tolist"):  # numpy scalar or array
+        return strict_json(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def emit(payload: dict, as_json: bool, lines: list[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(payload, indent=2, default=float))
+    if as_json:  # non-finite numbers are printed as null: see strict_json
+        click.echo(json.dumps(strict_json(payload), indent=2, default=float, allow_nan=False))
     else:
         for line in lines:
             click.echo(line)

@@ -10,7 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import InvalidInput, KnnlmError
+
+MAX_DOC_ID_BYTES = 1024  # what every backend can store (Milvus: VARCHAR(1024))
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,24 @@ def _read_text(path: Path) -> str:
     return text
 
 
+def _record(rec, where: str) -> Document:
+    """A JSONL record -> Document, refusing anything ``str()`` would quietly turn into text:
+    an id of null/list/dict/bool becomes "None" or "['a']", and so would such a text."""
+    if not isinstance(rec, dict) or "id" not in rec or "text" not in rec:
+        raise InvalidInput(f'{where}: expected a JSON object with "id" and "text"')
+    doc_id, text = rec["id"], rec["text"]
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise InvalidInput(f'{where}: "id" must be a string or an integer, got {type(doc_id).__name__} '
+                           f"{json.dumps(doc_id)[:40]}")
+    if not isinstance(text, str):
+        raise InvalidInput(f'{where}: "text" must be a string, got {type(text).__name__}')
+    doc_id = str(doc_id)
+    if not doc_id or len(doc_id.encode("utf-8")) > MAX_DOC_ID_BYTES:
+        raise InvalidInput(f'{where}: "id" must be 1 to {MAX_DOC_ID_BYTES} bytes of UTF-8, got '
+                           f"{len(doc_id.encode('utf-8'))}")
+    return Document(doc_id=doc_id, text=text)
+
+
 def read_documents(path: str | Path) -> list[Document]:
     """Documents of one corpus file; their ids are stable, so re-reading gives the same ids."""
     path = Path(path)
@@ -52,9 +72,9 @@ def read_documents(path: str | Path) -> list[Document]:
             continue
         try:
             rec = json.loads(line)
-            doc = Document(doc_id=str(rec["id"]), text=str(rec["text"]))
-        except (ValueError, KeyError, TypeError):
-            raise KnnlmError(f'{path}:{lineno}: expected a JSON object with "id" and "text"') from None
+        except ValueError:
+            raise InvalidInput(f'{path}:{lineno}: not valid JSON; expected an object with "id" and "text"') from None
+        doc = _record(rec, f"{path}:{lineno}")
         if doc.text.strip():
             docs.append(doc)
     if not docs:

@@ -9,19 +9,22 @@ log p_kNN = -inf, which must give log(1-λ) + log p_LM, never NaN. Missing neigh
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from knnlm_vdb.errors import InvalidInput, KnnlmError
+from knnlm_vdb.settings import MAX_K
 
 
 def check_params(lmbda: float | None = None, k: int | None = None, temperature: float | None = None) -> None:
     """Reject settings that would silently give nonsense."""
     if lmbda is not None and not 0.0 <= lmbda <= 1.0:
         raise InvalidInput(f"--lambda must be in [0, 1], got {lmbda}")
-    if k is not None and k < 1:
-        raise InvalidInput(f"--k must be a positive integer, got {k}")
-    if temperature is not None and not temperature > 0:
-        raise InvalidInput(f"--temperature must be positive, got {temperature}")
+    if k is not None and not 1 <= k <= MAX_K:
+        raise InvalidInput(f"--k must be a positive integer at most {MAX_K}, got {k}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise InvalidInput(f"--temperature must be a positive finite number, got {temperature}")
 
 
 def _neighbour_logits(distances: np.ndarray, values: np.ndarray, temperature: float) -> np.ndarray:

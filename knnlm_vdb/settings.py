@@ -31,6 +31,7 @@ DEFAULTS: dict[str, object] = {
 }
 
 KEY_TYPES = ("ffn_input", "final_hidden")
+MAX_K = 16384  # neighbours per query, every backend: Milvus returns at most this many
 
 
 def env_name(name: str) -> str:

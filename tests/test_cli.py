@@ -139,8 +139,9 @@ def test_missing_datastore_and_unknown_model(tmp_path, corpus_file, tiny_model_d
 def test_console_script_prints_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "knnlm_vdb", "eval", "--datastore", str(tmp_path / "x"),
                         "--corpus", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip() == f"error: corpus file not found: {tmp_path / 'missing.txt'}"
+    assert r.returncode == 2  # options and the datastore are checked first, before the corpus and the model
+    assert r.stderr.strip() == (f"error: no FAISS datastore at {tmp_path / 'x'} (missing meta.json); "
+                                "build one with `knnlm-vdb build`")
 
 
 def test_demo_runs_on_the_bundled_sample(tmp_path, tiny_model_dirs):

@@ -391,6 +391,15 @@ def parse_serve_args(args: list[str], monkeypatch) -> dict:
     return serve_cli().make_context("serve", list(args[1:])).params
 
 
+def test_termination_grace_exceeds_serve_grace(profile, monkeypatch):
+    """serve exits within --grace of SIGTERM; Kubernetes must not SIGKILL it before (its default is 30 s)."""
+    _, docs = profile
+    spec = pod_spec(one(docs, "Deployment", "serve"))
+    params = parse_serve_args(spec["containers"][0]["args"], monkeypatch)
+    assert spec["terminationGracePeriodSeconds"] >= params["grace"] + 5, (spec.get("terminationGracePeriodSeconds"),
+                                                                          params["grace"])
+
+
 def test_serve_security(profile, monkeypatch):
     """serve never starts open by accident: --insecure iff neither TLS nor tokens; with TLS the
     probes target the plaintext health port; the Secrets are mounted, their values nowhere."""
@@ -401,8 +410,8 @@ def test_serve_security(profile, monkeypatch):
     (c,) = spec["containers"]
     args, env = c["args"], env_of(c)
     params = parse_serve_args(args, monkeypatch)
-    # serve refuses to start without TLS or tokens unless --insecure: exactly one of the two
-    assert params["insecure"] is (tls is None and tokens is None), args
+    # serve refuses plaintext (open, or tokens in the clear) unless --insecure: TLS xor --insecure
+    assert params["insecure"] is (tls is None), args
     assert params["insecure"] or "KNNLM_TLS_DIR" in env or "KNNLM_AUTH_DIR" in env
     # probes: the plaintext health port, which gets --health-port when it is not the gRPC port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -555,13 +564,13 @@ def test_rendered_serve_starts_and_answers_its_probes(helm, chart, tmp_path, mon
     creds, interceptors = commands._security(*sec, params["insecure"])
     assert (creds is not None) is bool(tls) and bool(interceptors) is bool(tokens)
     if params["insecure"]:  # without the flag, serve would refuse to start
-        with pytest.raises(Exception, match="refusing to serve"):
+        with pytest.raises(Exception, match="refusing to (serve|accept bearer tokens over plaintext)"):
             commands._security(*sec, False)
 
     class NoModel(knnlm_pb2_grpc.KnnlmServicer):
         limits = Limits()
 
-        def close(self):
+        def close(self, timeout=None):
             pass
 
     server = KnnlmServer(NoModel(), Listen("127.0.0.1", params["port"], creds, params["health_port"],

@@ -81,6 +81,24 @@ class TunedSettings:
             raise Incompatible(f"stored tuned settings are damaged: {d!r}; run `knnlm-vdb tune` again") from None
 
 
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def typed_damage(obj: dict, fields: dict) -> list[tuple[str, str]]:
+    """-> (field, wanted type) for each of ``fields`` that ``obj`` lacks or holds with another type."""
+    return [(name, typ.__name__) for name, typ in fields.items()
+            if not isinstance(obj.get(name), typ) or (typ is int and not is_int(obj.get(name)))]
+
+
+def info_damage(info: dict) -> list[tuple[str, str]]:
+    """What a stored ``StoreInfo`` dict lacks (both backends refuse to open with any of it missing)."""
+    out = typed_damage(info, {"model": str, "key_type": str, "dim": int, "tokenizer": str, "vocab_size": int})
+    if is_int(info.get("dim")) and info["dim"] < 1:
+        out.append(("dim", "a positive int"))
+    return out
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.uint64, copy=True)
     with np.errstate(over="ignore"):

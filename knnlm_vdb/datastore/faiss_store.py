@@ -14,7 +14,6 @@ write, so a crash never leaves a half-visible row.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,14 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
-from knnlm_vdb.errors import Incompatible, KnnlmError, NotFound
+from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_sizes, open_meta, read_index, refusal
+from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError
 from knnlm_vdb.io import atomic_write_json
+from knnlm_vdb.settings import MAX_K
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "ivfpq")
-_KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def _gpu_resources():
@@ -73,18 +73,9 @@ class FaissDatastore(Datastore):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         _recover_interrupted_swap(self.path)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
-            raise NotFound(f"no FAISS datastore at {self.path} (missing meta.json); build one with `knnlm-vdb build`")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-            self.info = StoreInfo.from_dict(self.meta["info"])
-        except (ValueError, KeyError) as exc:
-            raise Incompatible(f"corrupt datastore metadata at {meta_path}: {exc}") from None
-        if self.meta.get("format_version", 0) > FORMAT_VERSION:
-            raise Incompatible(f"datastore {self.path} has format {self.meta['format_version']}, newer than this "
-                             f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
-        self.key_dtype = _KEY_DTYPES[self.meta["key_dtype"]]
+        self.meta = meta = open_meta(self.path, FORMAT_VERSION)
+        self.info = StoreInfo.from_dict(meta["info"])
+        self.key_dtype = KEY_DTYPES[self.meta["key_dtype"]]
         self._index = None
         self._ids_set: set[int] | None = None
         self._gpu = None
@@ -97,7 +88,7 @@ class FaissDatastore(Datastore):
                recompute: bool = False, domain: str = "default") -> "FaissDatastore":
         if index not in INDEX_TYPES:
             raise KnnlmError(f"unknown FAISS --index {index!r}: use one of {', '.join(INDEX_TYPES)}")
-        if key_dtype not in _KEY_DTYPES:
+        if key_dtype not in KEY_DTYPES:
             raise KnnlmError(f"unknown --key-dtype {key_dtype!r}: use float16 or float32")
         if pq_m is not None and info.dim % pq_m:
             raise KnnlmError(f"--pq-m {pq_m} must divide the key dimension {info.dim}")
@@ -155,7 +146,10 @@ class FaissDatastore(Datastore):
         for name, width in (("keys.bin", self.dim * np.dtype(self.key_dtype).itemsize),
                             ("values.bin", 4), ("ids.bin", 8)):
             p = self.path / name
-            if p.stat().st_size != n * width:
+            size = p.stat().st_size
+            if size < n * width:  # never extend: zero rows would be searched as if they were keys
+                raise Incompatible(refusal(self.path, [f for f in check_sizes(self.path, self.meta) if f.damage]))
+            if size > n * width:
                 log.warning("cutting %s back to the %d committed rows (left by an interrupted write)", name, n)
                 with open(p, "r+b") as f:
                     f.truncate(n * width)
@@ -243,7 +237,9 @@ class FaissDatastore(Datastore):
         else:
             if not (self.path / "index.faiss").exists():
                 self.train()
-            index = faiss.read_index(str(self.path / "index.faiss"))
+            index, damage = read_index(self.path, n, self.dim)
+            if damage is not None:
+                raise Incompatible(refusal(self.path, [damage]))
             if index.ntotal < n:  # rows appended after the last index write: add them now
                 for chunk in self._key_chunks(index.ntotal):
                     index.add(chunk)
@@ -281,8 +277,8 @@ class FaissDatastore(Datastore):
         self.flush()
 
     def search(self, queries: np.ndarray, k: int):
-        if k < 1:
-            raise KnnlmError(f"--k must be a positive integer, got {k}")
+        if not 1 <= k <= MAX_K:  # the padding below is [n, k]: k=1e9 would try to allocate GiBs
+            raise InvalidInput(f"--k must be a positive integer at most {MAX_K}, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise KnnlmError(f"queries have shape {queries.shape}, datastore dimension is {self.dim}")

@@ -53,6 +53,8 @@ class Batcher:
         self.lock = lock or threading.RLock()
         self._queue: queue.Queue[Ticket | None] = queue.Queue()
         self._closed = False
+        self._running: list[Ticket] = []  # the batch being computed, for an abandoning close()
+        self._running_lock = threading.Lock()
         self.batches = 0  # batches run
         self.jobs = 0  # jobs computed
         self.expired = 0  # jobs dropped uncomputed: deadline passed or caller gone
@@ -76,11 +78,35 @@ class Batcher:
             raise ticket.error
         return job
 
-    def close(self, timeout: float | None = None) -> None:
-        """Finish the queued jobs, then stop the worker."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse the queued jobs, give the running batch up to ``timeout`` seconds, stop the worker.
+
+        -> whether the worker stopped in time. A batch still running after ``timeout`` (an LM
+        forward cannot be interrupted) is abandoned: the worker is a daemon thread, and its
+        callers are answered ShuttingDown now, so shutdown never waits on it past the grace.
+        """
         self._closed = True
+        self._refuse_queued()
         self._queue.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("a batch was still running at the end of the grace period; abandoning it")
+            with self._running_lock:
+                for t in self._running:
+                    t.error = ShuttingDown("the server shut down while the request was computed")
+                    t.done.set()
+            return False
+        return True
+
+    def _refuse_queued(self) -> None:
+        while True:
+            try:
+                t = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if t is not None:
+                t.error = ShuttingDown("the server is shutting down")
+                t.done.set()
 
     def _collect(self, first: Ticket) -> tuple[list[Ticket], bool]:
         batch, stop = [first], False
@@ -115,6 +141,8 @@ class Batcher:
                     live.append(t)
             if not live:
                 continue
+            with self._running_lock:
+                self._running = live
             try:
                 with self.lock:
                     errors = self.scorer.run([t.job for t in live])
@@ -123,14 +151,10 @@ class Batcher:
                 errors = {i: exc for i in range(len(live))}
             self.batches += 1
             self.jobs += len(live)
-            for i, t in enumerate(live):
-                t.error = errors.get(i)
-                t.done.set()
-        while True:  # anything queued after the stop marker: refuse rather than leave callers waiting
-            try:
-                t = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if t is not None:
-                t.error = ShuttingDown("the server is shutting down")
-                t.done.set()
+            with self._running_lock:
+                self._running = []
+                for i, t in enumerate(live):
+                    if not t.done.is_set():  # not answered already by an abandoning close()
+                        t.error = errors.get(i)
+                        t.done.set()
+        self._refuse_queued()  # anything queued after the stop marker: refuse rather than leave callers waiting

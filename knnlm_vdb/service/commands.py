@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,8 +13,9 @@ import click
 
 from knnlm_vdb.cli_common import (TOKEN_ENV, emit, knn_options, location_options, make_encoder, milvus_options,
                            model_options, open_stores, parse_lambda, resolve_knn_settings, resolve_locations)
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import InvalidInput, KnnlmError
 from knnlm_vdb.service import security
+from knnlm_vdb.settings import MAX_K
 
 log = logging.getLogger("knnlm_vdb.serve")
 
@@ -41,7 +43,8 @@ def _open_domains(backend, locations, uri, consistency, encoder, milvus_token):
     return stores
 
 
-def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure):
+def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure,
+              allow_read_token_writes=False):
     """-> (server credentials or None, interceptors); refuses an open server unless --insecure."""
     tls_cert = tls_cert or _from_dir(TLS_DIR_ENV, "tls.crt")
     tls_key = tls_key or _from_dir(TLS_DIR_ENV, "tls.key")
@@ -52,15 +55,19 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
         creds = security.server_credentials(tls_cert, tls_key, tls_client_ca)
     read = security.read_tokens(token_file, security.READ_TOKEN_ENV)
     write = security.read_tokens(write_token_file, security.WRITE_TOKEN_ENV)
-    interceptors = [security.TokenAuth(read, write)] if (read or write) else []
+    interceptors = [security.TokenAuth(read, write, allow_read_token_writes)] if (read or write) else []
     if creds is None and not interceptors:
         if not insecure:
             raise KnnlmError("refusing to serve without TLS or token authentication: pass --tls-cert/--tls-key, "
                              f"set ${security.READ_TOKEN_ENV} (or --token-file), or pass --insecure on a trusted network")
         log.warning("serving plaintext WITHOUT authentication (--insecure): anyone who reaches the gRPC port "
                     "can score and append")
-    elif creds is None:
-        log.warning("tokens are checked but travel in plaintext; use --tls-cert/--tls-key outside a trusted network")
+    elif creds is None:  # like gRPC's own call credentials, which refuse to send tokens without TLS
+        if not insecure:
+            raise InvalidInput("refusing to accept bearer tokens over plaintext: pass --tls-cert/--tls-key, or "
+                               "--insecure on a trusted network")
+        log.warning("tokens are checked but travel in plaintext (--insecure); use --tls-cert/--tls-key outside "
+                    "a trusted network")
     log.info("security: TLS %s, tokens: %d read, %d write", "mutual" if tls_client_ca else "on" if creds else "off",
              len(read), len(write))
     return creds, interceptors
@@ -104,12 +111,14 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
               help=f"tokens Append requires [default: ${security.WRITE_TOKEN_ENV}, or ${AUTH_DIR_ENV}/write-token]")
 @click.option("--insecure", is_flag=True, envvar="KNNLM_SERVE_INSECURE",
               help="allow plaintext without authentication (trusted networks only)")
+@click.option("--allow-read-token-writes", is_flag=True, envvar="KNNLM_SERVE_ALLOW_READ_TOKEN_WRITES",
+              help="let read tokens Append too (by default Append needs a write token whenever tokens are set)")
 @click.option("--milvus-token-file", type=click.Path(dir_okay=False), envvar=MILVUS_TOKEN_FILE_ENV,
               help=f"Milvus token from a file [default: ${TOKEN_ENV}]")
 def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
           k, temperature, lmbda, skip_below, host, port, health_port, max_workers, max_batch, batch_wait_ms, max_text_tokens,
           max_new_tokens, max_k, max_request_bytes, max_concurrent, request_timeout, grace, tls_cert, tls_key, tls_client_ca,
-          token_file, write_token_file, insecure, milvus_token_file):
+          token_file, write_token_file, insecure, allow_read_token_writes, milvus_token_file):
     """Serve Score, NextToken, Generate, Append and ListDomains over gRPC (package knnlm.v1).
 
     The model and datastores load once; concurrent requests are batched into one LM forward
@@ -126,6 +135,8 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
                              ("--max-request-bytes", max_request_bytes, 1024), ("--max-concurrent", max_concurrent, 1)):
         if value is not None and value < low:
             raise KnnlmError(f"{name} must be at least {low}, got {value}")
+    if max_k > MAX_K:
+        raise InvalidInput(f"--max-k must be at most {MAX_K} (the most neighbours any backend returns), got {max_k}")
     if batch_wait_ms < 0 or request_timeout <= 0 or grace < 0:
         raise KnnlmError("--batch-wait-ms and --grace must be >= 0 and --request-timeout > 0")
     lam = parse_lambda(lmbda)
@@ -133,7 +144,8 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
     if k is not None and k > max_k:
         raise KnnlmError(f"--k {k} exceeds --max-k {max_k}")
     backend, locations = resolve_locations(datastores, backend, uri, domains)
-    creds, interceptors = _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure)
+    creds, interceptors = _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure,
+                                    allow_read_token_writes)
     milvus_token = security.read_secret(milvus_token_file) if milvus_token_file else None
 
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
@@ -174,8 +186,26 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
     while not stop.wait(0.5):
         pass
     click.echo(f"stopping: draining in-flight requests (up to {grace:g}s)")
+    deadline = time.monotonic() + grace + 1.0
     server.stop(grace)
     click.echo("stopped")
+    _exit_despite_stuck_requests(deadline)
+
+
+def _exit_despite_stuck_requests(deadline: float) -> None:
+    """Leave now that the stores are closed. Request threads still busy past the grace (an
+    Append inside one long document) or an abandoned batch would keep a normal interpreter exit
+    waiting on them (and its teardown of torch and grpc takes seconds more), past the
+    Kubernetes grace period; so exit at once."""
+    busy = [t for t in threading.enumerate() if t.name.startswith("knnlm-rpc") and t.is_alive()]
+    for t in busy:
+        t.join(max(0.0, min(0.2, deadline - time.monotonic())))
+    if any(t.is_alive() for t in busy):
+        log.warning("request threads still busy after the grace period; exiting without them")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _client_options(f):

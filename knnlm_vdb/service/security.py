@@ -1,8 +1,9 @@
 """Who may call the server: TLS credentials and bearer-token scopes.
 
 Tokens. Clients send ``authorization: Bearer <token>``. A read token allows Score,
-NextToken, ListDomains and reflection; when write tokens are configured, Append needs one
-of them (a write token also allows everything else). Tokens come from an environment
+NextToken, ListDomains and reflection; Append needs a write token whenever any token is
+configured (a write token also allows everything else), unless the server runs with
+``--allow-read-token-writes``. Tokens come from an environment
 variable or a file (one token per line, so a rotation can list the old and the new),
 never from argv, and are never logged. Health checks stay open: kubelet probes cannot
 send tokens.
@@ -99,11 +100,12 @@ def _denied(handler, code: grpc.StatusCode, message: str):
 class TokenAuth(grpc.ServerInterceptor):
     """Checks the bearer token of every call except health checks, before the handler runs."""
 
-    def __init__(self, read_tokens: list[str], write_tokens: list[str] = ()):
+    def __init__(self, read_tokens: list[str], write_tokens: list[str] = (), allow_read_token_writes: bool = False):
         if not read_tokens and not write_tokens:
             raise ValueError("TokenAuth needs at least one token")
         self._read = [t.encode() for t in read_tokens]
         self._write = [t.encode() for t in write_tokens]
+        self._read_may_write = allow_read_token_writes
 
     @staticmethod
     def _matches(token: bytes, accepted: list[bytes]) -> bool:
@@ -135,8 +137,10 @@ class TokenAuth(grpc.ServerInterceptor):
         if scope is None:
             log.info("refused %s: unknown token", method)
             return _denied(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
-        if method in WRITE_METHODS and self._write and scope != "write":
+        if method in WRITE_METHODS and scope != "write" and not self._read_may_write:
             log.info("refused %s: read-only token", method)
+            why = "this token may only read" if self._write else \
+                "the server has none configured (give it one, or start it with --allow-read-token-writes)"
             return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
-                           f"{method.rsplit('/', 1)[-1]} needs a write token; this token may only read")
+                           f"{method.rsplit('/', 1)[-1]} needs a write token; {why}")
         return handler

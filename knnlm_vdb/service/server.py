@@ -36,6 +36,7 @@ from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 from knnlm_vdb.service.batcher import Batcher, DeadlineExceeded, ShuttingDown
 from knnlm_vdb.service.generation import GenerateRpc
 from knnlm_vdb.service.scoring import DatastoreUnavailable, Job, Scorer
+from knnlm_vdb.service.wire import MalformedRequest, add_servicer
 from knnlm_vdb.service.status import RequestError, invalid
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ def _rpc(method):
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         except ShuttingDown as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except MalformedRequest as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Exception:
             log.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
@@ -283,8 +286,9 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
                                      key_type=d.store.info.key_type, settings=settings))
         return pb.ListDomainsResponse(domains=out)
 
-    def close(self) -> None:
-        self.batcher.close()
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the batcher (waiting at most ``timeout`` for a running batch), then close the stores."""
+        self.batcher.close(timeout)
         for d in self.domains.values():
             try:
                 d.store.close()
@@ -317,7 +321,7 @@ class KnnlmServer:
         self.server = grpc.server(self._pool, options=options, interceptors=listen.interceptors,
                                   maximum_concurrent_rpcs=4 * (max_workers + 2))
         self.health = health.HealthServicer()
-        pb_grpc.add_KnnlmServicer_to_server(service, self.server)
+        add_servicer(service, self.server)  # malformed bytes -> INVALID_ARGUMENT, not INTERNAL + traceback
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -353,8 +357,9 @@ class KnnlmServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()  # probes see NOT_SERVING while the server drains
         log.info("draining in-flight requests (up to %.0fs)", grace)
-        self.server.stop(grace).wait()
-        self.service.close()
+        deadline = time.monotonic() + grace
+        self.server.stop(grace).wait(grace + 1.0)
+        self.service.close(timeout=max(0.1, deadline - time.monotonic()))  # the grace bounds the whole stop
         if self.health_server is not None:
             self.health_server.stop(None).wait()
         self._pool.shutdown(wait=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
+from knnlm_vdb.datastore.base import info_damage, is_int, typed_damage
 from knnlm_vdb.datastore.milvus.connection import connect, quiet_pymilvus, redact_uri, rpc, supports_aliases
 from knnlm_vdb.datastore.milvus.naming import META_PROPERTY, PREFIX, alias_name, check_domain, ledger_name
 from knnlm_vdb.datastore.milvus.versions import check_schema_version
@@ -30,6 +31,20 @@ def read_meta(client, name: str) -> tuple[dict, dict]:
         return desc, json.loads(raw)
     except ValueError:
         raise KnnlmError(f"corrupt knnlm metadata on Milvus collection {desc.get('collection_name', name)}") from None
+
+
+def meta_damage(meta: dict) -> list[str]:
+    """The fields (``info.dim``, ``index.type``, ...) a domain's knnlm metadata lacks or holds mistyped."""
+    if not isinstance(meta, dict):
+        return ["(not a JSON object)"]
+    info, index = meta.get("info"), meta.get("index")
+    out = [] if is_int(meta.get("format_version", 0)) else ["format_version"]
+    out += [f"info.{f}" for f, _ in info_damage(info)] if isinstance(info, dict) else ["info"]
+    if isinstance(index, dict):
+        out += [f"index.{f}" for f, _ in typed_damage(index, {"type": str, "build_params": dict})]
+    else:
+        out.append("index")
+    return out
 
 
 def properties(client, name: str) -> dict:

@@ -21,7 +21,7 @@ import logging
 import numpy as np
 
 from knnlm_vdb.datastore.base import Datastore, StoreInfo, pad_results
-from knnlm_vdb.datastore.milvus.catalog import NoSuchDomain, count_rows, no_such_domain, read_meta
+from knnlm_vdb.datastore.milvus.catalog import NoSuchDomain, count_rows, meta_damage, no_such_domain, read_meta
 from knnlm_vdb.datastore.milvus.connection import (connect, deployment_of, ensure_loaded, is_lite_database, redact_uri,
                                                    rpc, wait_for_index)
 from knnlm_vdb.datastore.milvus.create import ALIAS_WAIT_S, create_domain
@@ -164,6 +164,11 @@ class MilvusDatastore(Datastore):
                 if not meta:
                     raise Incompatible(f"Milvus collection {desc.get('collection_name', name)} was not created by "
                                      f"knnlm-vdb (no {META_PROPERTY} property)")
+                damage = meta_damage(meta)
+                if damage:
+                    raise Incompatible(f"domain {domain!r} is damaged: its {META_PROPERTY} property lacks "
+                                       f"{', '.join(damage)}; see `knnlm-vdb check --uri {redact_uri(uri)} --domain "
+                                       f"{domain}`; rebuild the domain or restore it from a backup")
                 if meta.get("format_version", 0) > FORMAT_VERSION:
                     raise Incompatible(f"domain {domain!r} has format {meta['format_version']}, newer than this "
                                      f"knnlm-vdb understands ({FORMAT_VERSION}); upgrade knnlm-vdb")
