@@ -11,7 +11,7 @@ import os
 import click
 
 from knnlm_vdb.errors import KnnlmError
-from knnlm_vdb.settings import DEFAULTS, KEY_TYPES, env_name
+from knnlm_vdb.settings import DEFAULTS, DEFAULT_K_BY_DEPLOYMENT, KEY_TYPES, default_k, env_name
 
 TOKEN_ENV = "KNNLM_MILVUS_TOKEN"  # secrets come from the environment, never from argv
 
@@ -121,7 +121,8 @@ def parse_lambda(value):
 def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None):
     """-> (k, T, λ, calibrations). Flag or env var, else what `tune` stored with the datastores —
     adaptive λ when every datastore has a calibration (one per domain), else the first one's best
-    fixed setting — else the default. ``skip_below`` overrides the calibrations' search threshold."""
+    fixed setting — else the default (k by backend: smaller on Milvus Lite, which searches brute
+    force). ``skip_below`` overrides the calibrations' search threshold."""
     from knnlm_vdb.adaptive import Calibration
     from knnlm_vdb.knn import check_params
 
@@ -144,7 +145,8 @@ def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None):
     if skip_below is not None:
         raise KnnlmError("--skip-below applies to adaptive λ: use it with --lambda auto (after `knnlm-vdb tune`)")
     tuned = extra.get("tuned", {})
-    k = k if k is not None else int(tuned.get("k", DEFAULTS["k"]))
+    k = k if k is not None else int(tuned.get("k", default_k(getattr(stores[0], "deployment", None)
+                                                           if stores else None)))
     temperature = temperature if temperature is not None else float(tuned.get("temperature", DEFAULTS["temperature"]))
     lmbda = lmbda if lmbda is not None else float(tuned.get("lambda", DEFAULTS["lambda"]))
     check_params(lmbda=lmbda, k=k, temperature=temperature)
@@ -154,7 +156,8 @@ def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None):
 def knn_options(f):
     for o in reversed([
         click.option("--k", type=int, default=None, envvar=env_name("k"),
-                     help=f"neighbours per query [default: tuned, else {DEFAULTS['k']}]"),
+                     help=f"neighbours per query [default: tuned, else {DEFAULTS['k']}; "
+                          f"{DEFAULT_K_BY_DEPLOYMENT['lite']} on Milvus Lite]"),
         click.option("--temperature", "-T", type=float, default=None, envvar=env_name("temperature"),
                      help=f"softmax temperature over -distance [default: tuned, else {DEFAULTS['temperature']}]"),
         click.option("--lambda", "lmbda", default=None, envvar=env_name("lambda"),

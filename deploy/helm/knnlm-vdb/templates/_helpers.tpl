@@ -70,11 +70,15 @@ fullname logic, port 19530), else externalMilvus.uri.
 {{- end }}
 {{- end }}
 
-{{/* The settings as a map KNNLM_<NAME> -> string: the ConfigMap's data, and the migrate hook's env. */}}
+{{/* The settings as a map KNNLM_<NAME> -> string: the ConfigMap's data, and the migrate hook's env.
+Empty settings (k, temperature, lambda, skip_below by default) are left out: an environment
+variable counts as an explicit flag and would override what `tune` stored with the domain. */}}
 {{- define "knnlm-vdb.settingsEnv" -}}
 {{- $env := dict }}
 {{- range $name, $value := .Values.settings }}
+{{- if not (or (kindIs "invalid" $value) (and (kindIs "string" $value) (eq $value "") (has $name (list "k" "temperature" "lambda" "skip_below")))) }}
 {{- $_ := set $env (printf "KNNLM_%s" (upper $name)) (include "knnlm-vdb.settingValue" $value) }}
+{{- end }}
 {{- end }}
 {{- $_ := set $env "KNNLM_URI" (include "knnlm-vdb.milvusUri" .) }}
 {{- toYaml $env }}
