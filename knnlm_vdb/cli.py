@@ -24,7 +24,29 @@ from knnlm_vdb.errors import KnnlmError, classify
 
 log = logging.getLogger("knnlm_vdb")
 
+def _show_envvars(cmd: click.Command) -> click.Command:
+    """``--help`` names each option's environment variable (click's show_envvar), subcommands too."""
+    for p in cmd.params:
+        if isinstance(p, click.Option) and p.envvar:
+            p.show_envvar = True
+    for sub in getattr(cmd, "commands", {}).values():
+        _show_envvars(sub)
+    return cmd
+
+
 class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        """``-v``/``-vv``/``--verbose`` anywhere before ``--`` (also after the subcommand) is the group's."""
+        args = list(args)
+        end = args.index("--") if "--" in args else len(args)
+        verbose = [a for a in args[:end] if a == "--verbose" or (len(a) > 1 and a.strip("v") == "-")]
+        rest = [a for a in args[:end] if a not in verbose] + args[end:]
+        return super().parse_args(ctx, verbose + rest)
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        return _show_envvars(cmd) if cmd is not None else None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

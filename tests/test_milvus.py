@@ -17,7 +17,7 @@ from knnlm_vdb.datastore import milvus_store
 from knnlm_vdb.datastore.base import MISSING_VALUE, StoreInfo, entry_ids
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
 from knnlm_vdb.datastore.milvus_store import (MilvusDatastore, drop_domain, list_domains, validate_index)
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import BackendUnavailable, KnnlmError
 
 DIM = STORE_DIM
 INFO = store_info()
@@ -105,9 +105,9 @@ def test_uri_domain_and_option_errors(tmp_path):
 
 def test_unreachable_server_fails_fast():
     t = time.perf_counter()
-    with pytest.raises(KnnlmError, match=r"cannot connect to Milvus at http://127\.0\.0\.1:1\b"):
+    with pytest.raises(BackendUnavailable, match=r"cannot connect to Milvus at http://127\.0\.0\.1:1\b"):
         open_store("milvus", "http://127.0.0.1:1", domain="x", timeout=5, token="s3cret")
-    with pytest.raises(KnnlmError, match="cannot connect") as info:
+    with pytest.raises(BackendUnavailable, match="cannot connect") as info:
         list_domains("http://127.0.0.1:1", timeout=5, token="s3cret")
     assert "s3cret" not in str(info.value)
     assert time.perf_counter() - t < 12

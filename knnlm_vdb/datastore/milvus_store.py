@@ -67,7 +67,7 @@ import numpy as np
 
 from knnlm_vdb.datastore.base import Datastore, StoreInfo, pad_results
 from knnlm_vdb.datastore.ledger import DocRecord, Ledger
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import BackendUnavailable, KnnlmError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def _connect(uri: str, token: str | None = None, timeout: float | None = None, d
     if deployment == "lite":
         parent = os.path.dirname(os.path.abspath(uri))
         if must_exist and not os.path.exists(uri):
-            raise KnnlmError(f"no Milvus Lite database at {uri}; build one first (or check --uri)")
+            raise NotFound(f"no Milvus Lite database at {uri}; build one first (or check --uri)")
         os.makedirs(parent, exist_ok=True)
     try:
         # Milvus Lite starts its embedded server on the first connection to a file; two threads doing
@@ -309,9 +309,9 @@ def _connect(uri: str, token: str | None = None, timeout: float | None = None, d
             raise KnnlmError(f"the Milvus Lite database {uri} is open in another process; Milvus Lite allows one "
                              f"process per database file (use a Milvus server for concurrent readers and "
                              f"writers)") from None
-        raise KnnlmError(f"cannot connect to Milvus at {shown} within {timeout:g}s: {exc.message}") from None
+        raise BackendUnavailable(f"cannot connect to Milvus at {shown} within {timeout:g}s: {exc.message}") from None
     except Exception as exc:  # grpc/URI errors that pymilvus does not wrap
-        raise KnnlmError(f"cannot connect to Milvus at {shown}: {exc}") from None
+        raise BackendUnavailable(f"cannot connect to Milvus at {shown}: {exc}") from None
     log.debug("connected to Milvus at %s", shown)
     return client
 
