@@ -192,3 +192,22 @@ def healthcheck_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def strict_errors(kv, docs: list[dict], crds: tuple[str, ...] = ()) -> list[str]:
+    """Each object checked by kubernetes-validate (strict) at the oldest supported and the newest
+    Kubernetes; kinds in ``crds`` (custom resources, no schema shipped) are skipped."""
+    versions = sorted({min_kube_version(), kv.utils.latest_version()})
+    errors = []
+    for doc in docs:
+        if doc["kind"] in crds:
+            continue
+        for version in versions:
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as e:
+                path = ".".join(str(p) for p in e.path)
+                errors.append(f"{doc['kind']}/{doc['metadata']['name']} @ {version}: {path}: {e.message}")
+            except (kv.SchemaNotFoundError, kv.InvalidSchemaError) as e:
+                errors.append(f"{doc['kind']}/{doc['metadata']['name']} @ {version}: {e.message}")
+    return errors

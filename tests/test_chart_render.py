@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from chart_kit import CHART, RELEASE, chart, helm, helm_run, kv, min_kube_version, profile
+from chart_kit import CHART, RELEASE, SERVE_SECURITY, chart, helm, helm_run, kv, profile, strict_errors
 
 
 
@@ -39,24 +39,17 @@ def test_helm_lint_without_dependency_only_warns(helm, tmp_path):
 
 def test_manifests_validate_strict(profile, kv):
     name, docs = profile
-    versions = sorted({min_kube_version(), kv.utils.latest_version()})
-    errors = []
-    for doc in docs:
-        for version in versions:
-            try:
-                kv.validate(doc, version, strict=True)
-            except kv.ValidationError as e:
-                path = ".".join(str(p) for p in e.path)
-                errors.append(f"{doc['kind']}/{doc['metadata']['name']} @ {version}: {path}: {e.message}")
-            except (kv.SchemaNotFoundError, kv.InvalidSchemaError) as e:
-                errors.append(f"{doc['kind']}/{doc['metadata']['name']} @ {version}: {e.message}")
+    errors = strict_errors(kv, docs)
     assert not errors, f"profile {name}:\n" + "\n".join(errors)
 
 
 def test_expected_objects(profile):
     name, docs = profile
     kinds = sorted((d["kind"], d["metadata"]["labels"].get("app.kubernetes.io/component", "")) for d in docs)
-    want = [("ConfigMap", ""), ("Deployment", "serve"), ("Job", "migrate"), ("Service", "serve")]
+    want = [("ConfigMap", ""), ("Deployment", "serve"), ("Job", "migrate"), ("Service", "serve"),
+            ("ServiceAccount", ""), ("PodDisruptionBudget", "serve"), ("Pod", "test")]
+    if SERVE_SECURITY[name][:3] == (None, None, None):  # plaintext without tokens: only labelled clients
+        want += [("NetworkPolicy", "serve")]
     if name in ("gpu", "full"):
         want += [("CronJob", "ingest"), ("Job", "ingest")]
     assert kinds == sorted(want)
