@@ -11,7 +11,8 @@ import os
 import click
 
 from knnlm_vdb.errors import KnnlmError
-from knnlm_vdb.settings import DEFAULTS, DEFAULT_K_BY_DEPLOYMENT, KEY_TYPES, default_k, env_name
+from knnlm_vdb.settings import (DEFAULT_INDEX_BY_DEPLOYMENT, DEFAULT_K_BY_DEPLOYMENT, DEFAULTS, KEY_TYPES,
+                               default_k, env_name)
 
 TOKEN_ENV = "KNNLM_MILVUS_TOKEN"  # secrets come from the environment, never from argv
 
@@ -76,6 +77,17 @@ def resolve_locations(datastores, backend, uri, domains) -> tuple[str, list[str]
     if datastores:
         raise KnnlmError("--datastore is a FAISS directory; for Milvus use --uri and --domain")
     return backend, domains or ["default"]
+
+
+def new_domain_index(index: str, backend: str, uri: str) -> str:
+    """``--index`` as given; when it was not given, a new Milvus Lite domain gets HNSW (see
+    settings.DEFAULT_INDEX_BY_DEPLOYMENT) rather than the FLAT that Lite brute-forces."""
+    ctx = click.get_current_context(silent=True)
+    if backend != "milvus" or ctx is None or ctx.get_parameter_source("index") != click.core.ParameterSource.DEFAULT:
+        return index
+    from knnlm_vdb.datastore.milvus_store import deployment_of
+
+    return DEFAULT_INDEX_BY_DEPLOYMENT.get(deployment_of(uri), index)
 
 
 def milvus_options(consistency: str | None = None) -> dict:

@@ -2,6 +2,7 @@
 every domain of its database, and the client's deadline agreeing with the server's cap."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -100,11 +101,13 @@ def test_serve_without_domain_serves_every_domain(tiny_model_dirs, tmp_path, cor
     model = ["--model", tiny_model_dirs["llama"], *WIN]
     uri = str(tmp_path / "k.db")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KNNLM_")}
-    for domain in ("docs", "code"):
+    for domain, index in (("docs", []), ("code", ["--index", "FLAT"])):
         p = subprocess.run([sys.executable, "-m", "knnlm_vdb", "build", *model, "--uri", uri, "--domain", domain,
-                            "--corpus", str(corpus_file), "--json"], capture_output=True, text=True, env=env,
+                            "--corpus", str(corpus_file), "--json", *index], capture_output=True, text=True, env=env,
                            cwd=tmp_path, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
+        # Milvus Lite brute-forces FLAT: a new Lite domain is HNSW unless --index says otherwise
+        assert json.loads(p.stdout)["datastore"]["index"]["type"] == ("FLAT" if index else "HNSW")
     proc = subprocess.Popen([sys.executable, "-m", "knnlm_vdb", "serve", *model, "--uri", uri, "--host", "127.0.0.1",
                              "--port", "0", "--insecure", "--metrics-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
