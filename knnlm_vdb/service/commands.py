@@ -126,8 +126,9 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
     """Serve Score, NextToken, Append and ListDomains over gRPC (package knnlm.v1).
 
     Serves each --domain (Milvus) or --datastore (FAISS); with neither, every domain of the
-    Milvus database at --uri. The model and datastores load once; concurrent requests are batched into one LM forward
-    and one search. SIGTERM stops accepting requests and drains the ones in flight.
+    Milvus database at --uri. The model and datastores load once; concurrent requests are
+    batched into one LM forward and one search. SIGTERM stops accepting requests and drains
+    the ones in flight.
     """
     import numpy as np
 
