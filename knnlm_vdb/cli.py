@@ -18,19 +18,52 @@ import click
 
 from knnlm_vdb import __version__
 from knnlm_vdb.cli_common import (emit, index_summary, knn_options, location_options, make_encoder, milvus_options,
-                                  model_options, open_stores, opt, parse_lambda, read_token_sequences,
-                                  resolve_knn_settings, resolve_locations)
+                                  model_options, new_domain_index, open_stores, opt, parse_lambda,
+                                  read_token_sequences, resolve_knn_settings, resolve_locations)
 from knnlm_vdb.errors import KnnlmError, classify
 
 log = logging.getLogger("knnlm_vdb")
 
+# what the `cpu`/`gpu` extras add to the client-only install
+RUNTIME_MODULES = {"torch", "transformers", "gguf", "faiss", "pymilvus", "milvus_lite", "grpc_reflection", "tqdm",
+                   "prometheus_client"}
+
+
+def _show_envvars(cmd: click.Command) -> click.Command:
+    """``--help`` names each option's environment variable (click's show_envvar), subcommands too."""
+    for p in cmd.params:
+        if isinstance(p, click.Option) and p.envvar:
+            p.show_envvar = True
+    for sub in getattr(cmd, "commands", {}).values():
+        _show_envvars(sub)
+    return cmd
+
+
 class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        """``-v``/``-vv``/``--verbose`` anywhere before ``--`` (also after the subcommand) is the group's."""
+        args = list(args)
+        end = args.index("--") if "--" in args else len(args)
+        verbose = [a for a in args[:end] if a == "--verbose" or (len(a) > 1 and a.strip("v") == "-")]
+        rest = [a for a in args[:end] if a not in verbose] + args[end:]
+        return super().parse_args(ctx, verbose + rest)
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        return _show_envvars(cmd) if cmd is not None else None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KnnlmError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(classify(exc)[0])
+        except ModuleNotFoundError as exc:  # the client-only install (no extra) runs only `score`
+            if (exc.name or "").split(".")[0] not in RUNTIME_MODULES:
+                raise
+            click.echo(f"error: this command needs the full install (module {exc.name!r} is missing): "
+                       "pip install 'knnlm-vdb[cpu]' (or [gpu] for faiss-gpu)", err=True)
+            sys.exit(2)
 
 
 
@@ -85,7 +118,8 @@ def _check_max_tokens(max_tokens):
 @click.option("--domain", "domains", default=None, help="Milvus domain (collection) to create")
 @opt("consistency", type=click.Choice(["Strong", "Bounded", "Session", "Eventually"]))
 @click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
-@opt("index", help="FAISS: flat|ivfpq; Milvus: FLAT, IVF_FLAT, HNSW, ... (see README)")
+@opt("index", show_default=False, help="FAISS: flat|ivfpq; Milvus: FLAT, IVF_FLAT, HNSW, ... (see README) "
+                                       "[default: flat; HNSW on Milvus Lite]")
 @click.option("--nlist", type=int, default=None, help="IVF lists [default: ~4·sqrt(n)]")
 @click.option("--pq-m", type=int, default=None, help="FAISS IVFPQ sub-quantizers [default: 64-byte codes]")
 @opt("nprobe", type=int, help="IVF lists visited per query")
@@ -100,6 +134,7 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
 
     backend, (location,) = resolve_locations(datastores, backend, uri, domains)
     _check_max_tokens(max_tokens)
+    index = new_domain_index(index, backend, uri)
     if backend == "faiss":
         index_options = {"index": index.lower(), "nlist": nlist, "pq_m": pq_m, "nprobe": nprobe,
                          "recompute": recompute, "key_dtype": key_dtype}
@@ -123,7 +158,8 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
 @click.option("--shard", default="0/1", show_default=True, help="encode only shard i of N (i/N), for parallel workers")
 @click.option("--replace", is_flag=True, help="re-ingest documents whose text changed, deleting their old entries")
 @click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
-@opt("index", help="Milvus: index of a domain that does not exist yet (FLAT, IVF_FLAT, HNSW, ...)")
+@opt("index", show_default=False, help="Milvus: index of a domain that does not exist yet (FLAT, IVF_FLAT, "
+                                       "HNSW, ...) [default: FLAT; HNSW on Milvus Lite]")
 @click.option("--nlist", type=int, default=None, help="Milvus: IVF lists of a new domain")
 @opt("nprobe", type=int, help="Milvus: IVF lists visited per query, for a new domain")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
@@ -152,7 +188,7 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
         from knnlm_vdb.datastore import StoreInfo
         from knnlm_vdb.datastore.milvus.store import MilvusDatastore
 
-        itype = index.upper()
+        itype = new_domain_index(index, backend, uri).upper()
         store = MilvusDatastore.open_or_create(
             uri, location, StoreInfo.for_encoder(encoder), **milvus_options(consistency), index_type=itype,
             index_params={"nlist": nlist} if nlist else {}, search_params={"nprobe": nprobe} if "IVF" in itype else {})

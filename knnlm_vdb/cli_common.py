@@ -15,7 +15,7 @@ import click
 
 from knnlm_vdb.errors import InvalidInput, KnnlmError
 from knnlm_vdb.knn_settings import parse_lambda  # noqa: F401  (re-exported for the commands)
-from knnlm_vdb.settings import DEFAULTS, KEY_TYPES, env_name
+from knnlm_vdb.settings import DEFAULT_INDEX_BY_DEPLOYMENT, DEFAULT_K_BY_DEPLOYMENT, DEFAULTS, KEY_TYPES, env_name
 
 TOKEN_ENV = "KNNLM_MILVUS_TOKEN"  # secrets come from the environment, never from argv
 
@@ -125,6 +125,17 @@ def resolve_locations(datastores, backend, uri, domains) -> tuple[str, list[str]
     return backend, domains or ["default"]
 
 
+def new_domain_index(index: str, backend: str, uri: str) -> str:
+    """``--index`` as given; when it was not given, a new Milvus Lite domain gets HNSW (see
+    settings.DEFAULT_INDEX_BY_DEPLOYMENT) rather than the FLAT that Lite brute-forces."""
+    ctx = click.get_current_context(silent=True)
+    if backend != "milvus" or ctx is None or ctx.get_parameter_source("index") != click.core.ParameterSource.DEFAULT:
+        return index
+    from knnlm_vdb.datastore.milvus import deployment_of
+
+    return DEFAULT_INDEX_BY_DEPLOYMENT.get(deployment_of(uri), index)
+
+
 def milvus_options(consistency: str | None = None) -> dict:
     o = {"token": os.environ.get(TOKEN_ENV) or None}
     if consistency:
@@ -174,7 +185,8 @@ def knn_options(f):
     f = checked_before(check_knn_options)(f)
     for o in reversed([
         click.option("--k", type=int, default=None, envvar=env_name("k"),
-                     help=f"neighbours per query [default: tuned, else {DEFAULTS['k']}]"),
+                     help=f"neighbours per query [default: tuned, else {DEFAULTS['k']}; "
+                          f"{DEFAULT_K_BY_DEPLOYMENT['lite']} on Milvus Lite]"),
         click.option("--temperature", "-T", type=float, default=None, envvar=env_name("temperature"),
                      help=f"softmax temperature over -distance [default: tuned, else {DEFAULTS['temperature']}]"),
         click.option("--lambda", "lmbda", default=None, envvar=env_name("lambda"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from knnlm_vdb.adaptive import Calibration
 from knnlm_vdb.errors import Incompatible, InvalidInput
 from knnlm_vdb.knn import check_params
-from knnlm_vdb.settings import DEFAULTS
+from knnlm_vdb.settings import DEFAULTS, default_k
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,9 @@ def resolve(stores, k: int | None = None, temperature: float | None = None, lmbd
     if skip_below is not None:
         raise InvalidInput("--skip-below applies to adaptive λ: use it with --lambda auto (after `knnlm-vdb tune`)")
     tuned = stores[0].info.extra.get("tuned", {}) if stores else {}
-    k = k if k is not None else int(tuned.get("k", DEFAULTS["k"]))
+    # untuned: k by backend (smaller on Milvus Lite, whose search cost grows with k)
+    k = k if k is not None else int(tuned.get("k", default_k(getattr(stores[0], "deployment", None)
+                                                           if stores else None)))
     temperature = temperature if temperature is not None else float(tuned.get("temperature", DEFAULTS["temperature"]))
     lmbda = lmbda if lmbda is not None else float(tuned.get("lambda", DEFAULTS["lambda"]))
     check_params(lmbda=lmbda, k=k, temperature=temperature)

@@ -34,6 +34,7 @@ class Ticket:
 
     job: Job
     deadline: float | None  # time.monotonic() value, or None for no deadline
+    queued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     cancelled: bool = False
@@ -46,11 +47,12 @@ class Batcher:
     """A queue and a worker thread in front of a ``Scorer``."""
 
     def __init__(self, scorer: Scorer, max_batch: int = 32, max_wait_s: float = 0.005,
-                 lock: threading.RLock | None = None):
+                 lock: threading.RLock | None = None, metrics=None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max(0.0, max_wait_s)
         self.lock = lock or threading.RLock()
+        self.metrics = metrics  # service.metrics.Metrics, or None
         self._queue: queue.Queue[Ticket | None] = queue.Queue()
         self._closed = False
         self._running: list[Ticket] = []  # the batch being computed, for an abandoning close()
@@ -135,6 +137,8 @@ class Batcher:
             for t in batch:
                 if t.cancelled or t.expired(now):
                     self.expired += 1
+                    if self.metrics is not None:
+                        self.metrics.expired.inc()
                     t.error = DeadlineExceeded("the deadline passed before the request was computed")
                     t.done.set()
                 else:
@@ -143,6 +147,10 @@ class Batcher:
                 continue
             with self._running_lock:
                 self._running = live
+            if self.metrics is not None:
+                self.metrics.batch_jobs.observe(len(live))
+                for t in live:
+                    self.metrics.batch_wait.observe(now - t.queued)
             try:
                 with self.lock:
                     errors = self.scorer.run([t.job for t in live])

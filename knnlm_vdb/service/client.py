@@ -16,6 +16,7 @@ from typing import Iterable
 import grpc
 
 from knnlm_vdb.corpus import Document
+from knnlm_vdb.settings import REQUEST_TIMEOUT_S
 from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 
@@ -44,7 +45,7 @@ class KnnlmClient:
     """One channel to a server; methods mirror the RPCs and return their response messages."""
 
     def __init__(self, target: str, *, tls: bool = False, tls_ca=None, tls_cert=None, tls_key=None,
-                 server_name: str | None = None, token: str | None = None, timeout: float | None = 60.0,
+                 server_name: str | None = None, token: str | None = None, timeout: float | None = REQUEST_TIMEOUT_S,
                  max_message_bytes: int = 64 << 20):
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]

@@ -13,7 +13,8 @@ import click
 
 from knnlm_vdb.cli_common import (TOKEN_ENV, emit, knn_options, location_options, make_encoder, milvus_options,
                            model_options, open_stores, parse_lambda, resolve_knn_settings, resolve_locations)
-from knnlm_vdb.errors import InvalidInput, KnnlmError
+from knnlm_vdb.errors import BackendUnavailable, Incompatible, InvalidInput, KnnlmError, NotFound
+from knnlm_vdb.settings import REQUEST_TIMEOUT_ENV, REQUEST_TIMEOUT_S
 from knnlm_vdb.service import security
 from knnlm_vdb.settings import MAX_K
 
@@ -41,6 +42,17 @@ def _open_domains(backend, locations, uri, consistency, encoder, milvus_token):
         store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
         stores.append(store)
     return stores
+
+
+def _every_domain(uri, milvus_token) -> list[str]:
+    """serve without --domain: every domain of the database at ``uri``."""
+    from knnlm_vdb.datastore.milvus import list_domains, redact_uri
+
+    found = list_domains(uri, token=milvus_token or milvus_options()["token"])
+    if not found:
+        raise NotFound(f"no domains at {redact_uri(uri)} to serve: create one with `knnlm-vdb build --domain D`")
+    log.info("no --domain given: serving every domain at %s: %s", redact_uri(uri), ", ".join(found))
+    return found
 
 
 def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure,
@@ -94,8 +106,11 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
 @click.option("--max-request-bytes", type=int, default=4 << 20, show_default=True, help="largest gRPC message")
 @click.option("--max-concurrent", type=int, default=None,
               help="requests in progress at once; more get RESOURCE_EXHAUSTED [default: --max-workers]")
-@click.option("--request-timeout", type=float, default=60.0, show_default=True,
-              help="seconds per request when the client sets no deadline, and the cap on longer ones")
+@click.option("--request-timeout", type=float, default=REQUEST_TIMEOUT_S, show_default=True, envvar=REQUEST_TIMEOUT_ENV,
+              help="seconds per request when the client sets no deadline, and the cap on longer ones "
+                   "(score --timeout reads the same variable)")
+@click.option("--metrics-port", type=int, default=None, envvar="KNNLM_METRICS_PORT",
+              help="serve Prometheus metrics over HTTP on this port (0: any free) [default: off]")
 @click.option("--grace", type=float, default=20.0, show_default=True,
               help="seconds in-flight requests get to finish on SIGTERM")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), envvar="KNNLM_TLS_CERT",
@@ -117,16 +132,19 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
               help=f"Milvus token from a file [default: ${TOKEN_ENV}]")
 def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
           k, temperature, lmbda, skip_below, host, port, health_port, max_workers, max_batch, batch_wait_ms, max_text_tokens,
-          max_new_tokens, max_k, max_request_bytes, max_concurrent, request_timeout, grace, tls_cert, tls_key, tls_client_ca,
-          token_file, write_token_file, insecure, allow_read_token_writes, milvus_token_file):
+          max_new_tokens, max_k, max_request_bytes, max_concurrent, request_timeout, metrics_port, grace, tls_cert,
+          tls_key, tls_client_ca, token_file, write_token_file, insecure, allow_read_token_writes, milvus_token_file):
     """Serve Score, NextToken, Generate, Append and ListDomains over gRPC (package knnlm.v1).
 
-    The model and datastores load once; concurrent requests are batched into one LM forward
-    and one search. SIGTERM stops accepting requests and drains the ones in flight.
+    Serves each --domain (Milvus) or --datastore (FAISS); with neither, every domain of the
+    Milvus database at --uri. The model and datastores load once; concurrent requests are
+    batched into one LM forward and one search. SIGTERM stops accepting requests and drains
+    the ones in flight.
     """
     import numpy as np
 
     from knnlm_vdb.knn import check_params
+    from knnlm_vdb.service.metrics import Metrics
     from knnlm_vdb.service.server import Domain, KnnlmServer, KnnlmService, Limits, Listen
 
     for name, value, low in (("--max-workers", max_workers, 1), ("--max-batch", max_batch, 1),
@@ -143,10 +161,12 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
     check_params(lmbda=None if lam == "auto" else lam, k=k, temperature=temperature)
     if k is not None and k > max_k:
         raise KnnlmError(f"--k {k} exceeds --max-k {max_k}")
-    backend, locations = resolve_locations(datastores, backend, uri, domains)
     creds, interceptors = _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, insecure,
                                     allow_read_token_writes)
     milvus_token = security.read_secret(milvus_token_file) if milvus_token_file else None
+    if not domains and not datastores and backend in (None, "milvus"):
+        domains = _every_domain(uri, milvus_token)
+    backend, locations = resolve_locations(datastores, backend, uri, domains)
 
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     stores = _open_domains(backend, locations, uri, consistency, encoder, milvus_token)
@@ -165,12 +185,14 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
         ingest_domain = store.domain
         store.search(np.zeros((1, store.info.dim), np.float32), 1)  # load the index now
         served.append(Domain(name, store, backend, ingest_domain, dk, dt, dl, calibration))
-        log.info("domain %s: %s", name, f"adaptive λ (k={calibration.k}, T={calibration.temperature})"
-                 if calibration is not None else f"k={dk} T={dt} λ={dl}")
+        click.echo(f"domain {name} ({store.count():,} entries): "
+                   + (f"adaptive λ (k={calibration.k}, T={calibration.temperature}, "
+                      f"skip_below={calibration.skip_below:g})" if calibration is not None else f"k={dk} T={dt} λ={dl}"))
     limits = Limits(max_text_tokens=max_text_tokens, max_k=max_k, max_request_bytes=max_request_bytes,
                     max_concurrent=max_concurrent or max_workers, request_timeout_s=request_timeout,
                     max_new_tokens=max_new_tokens)
-    service = KnnlmService(encoder, served, limits, max_batch=max_batch, max_wait_s=batch_wait_ms / 1e3)
+    service = KnnlmService(encoder, served, limits, max_batch=max_batch, max_wait_s=batch_wait_ms / 1e3,
+                           metrics=Metrics())
     try:
         server = KnnlmServer(service, Listen(host, port, creds, health_port, interceptors), max_workers=max_workers)
     except OSError as exc:
@@ -180,6 +202,12 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    if metrics_port is not None:
+        try:
+            click.echo(f"metrics on http://{host}:{service.metrics.serve_http(metrics_port, host)}/metrics")
+        except OSError as exc:
+            server.stop(0)
+            raise KnnlmError(f"cannot serve metrics on port {metrics_port}: {exc}") from None
     click.echo(f"listening on {host}:{server.port} ({'TLS' if creds else 'plaintext'}) "
                f"domains: {', '.join(d.name for d in served)}"
                + (f"; health on :{server.health_port}" if server.health_port else ""))
@@ -223,6 +251,12 @@ def _client_options(f):
     return f
 
 
+# a failed call's status -> the error (and so the exit code) score reports: retryable ones exit 3
+_RPC_ERRORS = {"UNAVAILABLE": BackendUnavailable, "DEADLINE_EXCEEDED": BackendUnavailable,
+               "RESOURCE_EXHAUSTED": BackendUnavailable, "INVALID_ARGUMENT": InvalidInput, "NOT_FOUND": NotFound,
+               "FAILED_PRECONDITION": Incompatible}
+
+
 def make_client(target, tls, tls_ca, tls_cert, tls_key, server_name, token_file):
     from knnlm_vdb.service.client import KnnlmClient
 
@@ -243,7 +277,8 @@ def make_client(target, tls, tls_ca, tls_cert, tls_key, server_name, token_file)
 @click.option("--temperature", "-T", type=float, default=None, help="softmax temperature [default: the server's]")
 @click.option("--lambda", "lmbda", default=None,
               help="kNN weight in [0, 1], or 'auto' for the domain's adaptive λ [default: the server's]")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds per document")
+@click.option("--timeout", type=float, default=REQUEST_TIMEOUT_S, show_default=True, envvar=REQUEST_TIMEOUT_ENV,
+              help="seconds per document; the server caps it at its --request-timeout (the same variable)")
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 def score(target, tls, tls_ca, tls_cert, tls_key, server_name, token_file, domains, k, temperature, lmbda, timeout,
@@ -267,7 +302,8 @@ def score(target, tls, tls_ca, tls_cert, tls_key, server_name, token_file, domai
             try:
                 r = client.score(doc.text, domains=domains, timeout=timeout, **settings)
             except grpc.RpcError as exc:
-                raise KnnlmError(f"{target}: {exc.code().name}: {exc.details()} (document {doc.doc_id})") from None
+                cls = _RPC_ERRORS.get(exc.code().name, KnnlmError)
+                raise cls(f"{target}: {exc.code().name}: {exc.details()} (document {doc.doc_id})") from None
             base.append(np.asarray(r.base_logprobs, np.float64))
             mixed.append(np.asarray(r.logprobs, np.float64))
             lambdas.append(np.asarray(r.lambdas, np.float64) if r.settings.adaptive else

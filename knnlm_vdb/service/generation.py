@@ -57,11 +57,13 @@ class GenerateRpc:
         from knnlm_vdb.api import KnnLM
 
         if not self._slots.acquire(blocking=False):
+            self.metrics.request("Generate", "RESOURCE_EXHAUSTED", 0.0)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server is at its limit of {self.limits.max_concurrent} concurrent requests "
                           "(--max-concurrent); retry with backoff")
         t0 = time.perf_counter()
-        code, message, tokens = grpc.StatusCode.OK, "", 0
+        self.metrics.in_flight.inc()
+        code, message, tokens, searched = grpc.StatusCode.OK, "", 0, 0
         try:
             domains = self._domains(request.domains)
             ids = self._prompt(request)
@@ -82,6 +84,7 @@ class GenerateRpc:
                             break  # closing the stream below cancels the decoding
                         first = tokens == 0
                         tokens += 1
+                        searched += step.searched
                         yield pb.GenerateResponse(
                             token_id=step.token_id, token=self._token_str(step.token_id), text=piece, prob=step.prob,
                             base_prob=step.base_prob, knn_prob=step.knn_prob, lmbda=step.lmbda,
@@ -106,6 +109,10 @@ class GenerateRpc:
             code, message = grpc.StatusCode.INTERNAL, "internal error in Generate; see the server log"
         finally:
             self._slots.release()
+            self.metrics.in_flight.dec()
+            self.metrics.request("Generate", code.name, time.perf_counter() - t0)
+            self.metrics.searches.labels("searched").inc(searched)
+            self.metrics.searches.labels("skipped").inc(tokens - searched)
             log.debug("Generate %s, %d token(s) in %.1f ms", code.name, tokens, 1e3 * (time.perf_counter() - t0))
         if code != grpc.StatusCode.OK:
             context.abort(code, message)

@@ -12,6 +12,7 @@ batch shapes. Each Score request is one document for the adaptive per-document t
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,8 +101,9 @@ def _cat(parts) -> np.ndarray:
 class Scorer:
     """Runs batches of jobs on one encoder. Not thread-safe: one caller at a time (the batcher's worker)."""
 
-    def __init__(self, encoder: Encoder, max_batch_tokens: int | None = None, pad_id: int = 0):
+    def __init__(self, encoder: Encoder, max_batch_tokens: int | None = None, pad_id: int = 0, metrics=None):
         self.encoder = encoder
+        self.metrics = metrics  # service.metrics.Metrics: search latency and failures, or None
         self.max_batch_tokens = max_batch_tokens or encoder.batch_size * encoder.ctx
         self.pad_id = pad_id
 
@@ -185,7 +187,8 @@ class Scorer:
             if sizes[-1]:
                 i0, g0 = members[0]
                 try:
-                    dist, vals = jobs[i0].mixer.search(g0, np.concatenate(queries))
+                    with self.metrics.search(jobs[i0].mixer.groups[g0]) if self.metrics else nullcontext():
+                        dist, vals = jobs[i0].mixer.search(g0, np.concatenate(queries))
                 except Exception as exc:  # the store's failure, not the request's: report it, keep serving
                     names = [d for i, _ in members for d in jobs[i].domains]
                     log.warning("search in %s failed: %s", ", ".join(dict.fromkeys(names)), exc)

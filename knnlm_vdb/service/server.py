@@ -35,6 +35,7 @@ from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 from knnlm_vdb.service.batcher import Batcher, DeadlineExceeded, ShuttingDown
 from knnlm_vdb.service.generation import GenerateRpc
+from knnlm_vdb.service.metrics import Metrics, backend_of
 from knnlm_vdb.service.scoring import DatastoreUnavailable, Job, Scorer
 from knnlm_vdb.service.wire import MalformedRequest, add_servicer
 from knnlm_vdb.service.status import RequestError, invalid
@@ -87,10 +88,12 @@ def _rpc(method):
     @functools.wraps(method)
     def wrapper(self: "KnnlmService", request, context):
         if not self._slots.acquire(blocking=False):
+            self.metrics.request(method.__name__, "RESOURCE_EXHAUSTED", 0.0)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the server is at its limit of {self.limits.max_concurrent} concurrent requests "
                           f"(--max-concurrent); retry with backoff")
         self.in_flight += 1  # under the GIL; a gauge, not an invariant
+        self.metrics.in_flight.inc()
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -99,6 +102,7 @@ def _rpc(method):
             code, message = exc.code, exc.message
         except DatastoreUnavailable as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+            self._datastore_error(exc, method.__name__)
         except DeadlineExceeded as exc:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         except ShuttingDown as exc:
@@ -111,6 +115,8 @@ def _rpc(method):
         finally:
             self.in_flight -= 1
             self._slots.release()
+            self.metrics.in_flight.dec()
+            self.metrics.request(method.__name__, code.name, time.perf_counter() - t0)
             log.debug("%s %s in %.1f ms", method.__name__, code.name, 1e3 * (time.perf_counter() - t0))
         context.abort(code, message)
 
@@ -121,7 +127,7 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
     """Validates requests and hands the work to the batcher (Score, NextToken) or ingest (Append)."""
 
     def __init__(self, encoder: Encoder, domains: list[Domain], limits: Limits | None = None,
-                 max_batch: int = 32, max_wait_s: float = 0.005):
+                 max_batch: int = 32, max_wait_s: float = 0.005, metrics: Metrics | None = None):
         if not domains:
             raise ValueError("a server needs at least one domain")
         self.encoder = encoder
@@ -129,7 +135,9 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
         self.limits = limits or Limits()
         self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)
         self.in_flight = 0  # Knnlm requests admitted and not finished
-        self.batcher = Batcher(Scorer(encoder), max_batch=max_batch, max_wait_s=max_wait_s)
+        self.metrics = metrics or Metrics()
+        self.batcher = Batcher(Scorer(encoder, metrics=self.metrics), max_batch=max_batch, max_wait_s=max_wait_s,
+                               metrics=self.metrics)
         self._token_text: dict[int, str] = {}
 
     # ---- request parsing ----------------------------------------------------------------------
@@ -186,6 +194,15 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
         cap = self.limits.request_timeout_s
         return cap if remaining is None else min(remaining, cap)
 
+    def _datastore_error(self, exc: DatastoreUnavailable, rpc: str) -> None:
+        """Count a datastore failure by backend; search failures were counted where they happened."""
+        if rpc != "Append" and rpc != "ListDomains":
+            return
+        for name in exc.domains:
+            d = self.domains.get(name)
+            if d is not None:
+                self.metrics.datastore_errors.labels(backend_of(d.store), "append" if rpc == "Append" else "count").inc()
+
     def _token_str(self, token_id: int) -> str:
         s = self._token_text.get(token_id)
         if s is None:
@@ -208,6 +225,7 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
         domains = self._domains(request.domains)
         ids = self._tokens(request.text, "text", minimum=2)
         job = self.batcher.submit(self._job(ids, domains, request.settings), timeout=self._timeout(context))
+        self.metrics.job_done(job)
         return pb.ScoreResponse(
             token_ids=ids, tokens=[self._token_str(i) for i in ids],
             base_logprobs=job.base.tolist(), knn_logprobs=job.knn.tolist(), logprobs=job.mixed.tolist(),
@@ -225,6 +243,7 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
         ids = self._tokens(request.context, "context", minimum=1)
         job = self.batcher.submit(self._job(ids, domains, request.settings, top_n=top_n),
                                   timeout=self._timeout(context))
+        self.metrics.job_done(job)
         mixed, base, knn = (np.exp(a[job.top]) for a in (job.mixed, job.base, job.knn))
         return pb.NextTokenResponse(
             candidates=[pb.TokenProbability(token_id=int(t), token=self._token_str(int(t)), prob=m, base_prob=b,
@@ -289,6 +308,7 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
     def close(self, timeout: float | None = None) -> None:
         """Stop the batcher (waiting at most ``timeout`` for a running batch), then close the stores."""
         self.batcher.close(timeout)
+        self.metrics.close()
         for d in self.domains.values():
             try:
                 d.store.close()

@@ -70,11 +70,15 @@ fullname logic, port 19530), else externalMilvus.uri.
 {{- end }}
 {{- end }}
 
-{{/* The settings as a map KNNLM_<NAME> -> string: the ConfigMap's data, and the migrate hook's env. */}}
+{{/* The settings as a map KNNLM_<NAME> -> string: the ConfigMap's data, and the migrate hook's env.
+Empty settings (k, temperature, lambda, skip_below by default) are left out: an environment
+variable counts as an explicit flag and would override what `tune` stored with the domain. */}}
 {{- define "knnlm-vdb.settingsEnv" -}}
 {{- $env := dict }}
 {{- range $name, $value := .Values.settings }}
+{{- if not (or (kindIs "invalid" $value) (and (kindIs "string" $value) (eq $value "") (has $name (list "k" "temperature" "lambda" "skip_below")))) }}
 {{- $_ := set $env (printf "KNNLM_%s" (upper $name)) (include "knnlm-vdb.settingValue" $value) }}
+{{- end }}
 {{- end }}
 {{- $_ := set $env "KNNLM_URI" (include "knnlm-vdb.milvusUri" .) }}
 {{- toYaml $env }}
@@ -215,6 +219,7 @@ template:
       checksum/settings: {{ include "knnlm-vdb.settingsEnv" . | sha256sum }}
   spec:
     restartPolicy: Never
+    serviceAccountName: {{ include "knnlm-vdb.serviceAccountName" . }}
     {{- include "knnlm-vdb.podCommon" . | nindent 4 }}
     {{- with (include "knnlm-vdb.scheduling" (list $i .Values) | trim) }}
     {{- . | nindent 4 }}
@@ -336,4 +341,28 @@ serve.port, serve gets --health-port and answers health there in plaintext.
 {{- fail (printf "serve.healthPort: serve.port + 1 = %d is not a port; set serve.healthPort" $hp) }}
 {{- end }}
 {{- $hp }}
+{{- end }}
+
+{{- define "knnlm-vdb.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- .Values.serviceAccount.name | default (include "knnlm-vdb.fullname" .) }}
+{{- else }}
+{{- .Values.serviceAccount.name | default "default" }}
+{{- end }}
+{{- end }}
+
+{{/* The pod label the NetworkPolicy admits to serve's gRPC port: <fullname>-client by default. */}}
+{{- define "knnlm-vdb.clientLabel" -}}
+{{- .Values.networkPolicy.clientLabel | default (printf "%s-client" (include "knnlm-vdb.fullname" .)) }}
+{{- end }}
+
+{{/* "true" when the NetworkPolicy renders: networkPolicy.enabled, or when that is empty, whenever serve
+runs plaintext without tokens (--insecure). */}}
+{{- define "knnlm-vdb.networkPolicyEnabled" -}}
+{{- $e := .Values.networkPolicy.enabled }}
+{{- if kindIs "invalid" $e }}
+{{- ternary "true" "false" (eq (include "knnlm-vdb.serveInsecure" . | trim) "true") }}
+{{- else }}
+{{- ternary "true" "false" $e }}
+{{- end }}
 {{- end }}
