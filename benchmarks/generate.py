@@ -54,7 +54,7 @@ def arguments():
     ap.add_argument("--speed-prompts", type=int, default=8)
     ap.add_argument("--speed-context", type=int, default=128)
     ap.add_argument("--speed-tokens", type=int, default=64)
-    ap.add_argument("--speed-k", type=int, default=None, help="k for the speed runs [default: the tuned k]")
+    ap.add_argument("--speed-ks", default="tuned,64", help="k values of the fixed-λ speed runs ('tuned': the tuned k)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
@@ -212,7 +212,8 @@ def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     prompts = [p for p, _ in prompts_of(test_ids, args.speed_prompts, args.speed_context, args.speed_tokens)]
     tuned = pydocs.info.extra["tuned"]
-    k = args.speed_k or int(tuned["k"])
+    ks = [int(tuned["k"]) if x == "tuned" else int(x) for x in args.speed_ks.split(",")]
+    k = max(ks)
     stores, server = {}, None
     try:
         for system in systems:
@@ -243,11 +244,11 @@ def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
         for system, store in stores.items():
             lm = KnnLM(enc, [store])
             for batch in (1, 8):
-                for lam in (tuned["lambda"], "auto"):
-                    r = speed(lm, prompts, args.speed_tokens, batch, lam, k)
+                for lam, k_run in [(tuned["lambda"], k_) for k_ in ks] + [("auto", None)]:
+                    r = speed(lm, prompts, args.speed_tokens, batch, lam, k_run)
                     rows.append({"system": {"faiss-ivfpq": "FAISS IVFPQ", "lite-hnsw": "Milvus Lite HNSW",
                                             "server-hnsw": "Milvus server HNSW"}[system],
-                                 "lambda": lam, "k": pydocs.info.extra["calibration"]["k"] if lam == "auto" else k,
+                                 "lambda": lam, "k": pydocs.info.extra["calibration"]["k"] if lam == "auto" else k_run,
                                  "batch": batch, **r})
                     log.info("speed %s", rows[-1])
         return rows

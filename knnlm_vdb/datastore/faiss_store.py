@@ -323,41 +323,15 @@ class FaissDatastore(Datastore):
         dst.train()
         return dst
 
-    def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
-        """Entry ids are hashes of (domain, document, position), so the ledger's documents are
-        hashed once into an inverse map; entries stored without a ledger report no document."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.count() == 0 or n < 1:
-            return [[] for _ in queries]
+    def search_rows(self, queries: np.ndarray, k: int):
+        """Distances and row numbers (not values) of the ``k`` nearest keys, -1 where unfilled."""
         index = self._index if self._index is not None else self._load_index()
-        dist, rows = index.search(queries, min(n, self.count()))
-        ids, values = self.ids(), self.values()
-        where = self._entry_places()
-        domain = self.domain
-        out = []
-        for d_row, r_row in zip(dist, rows):
-            hits = []
-            for d, r in zip(d_row, r_row):
-                if r < 0:
-                    continue
-                doc, pos = where.get(int(ids[r]), ("", -1))
-                hits.append({"domain": domain, "doc_id": doc, "position": pos, "distance": float(d),
-                             "target": int(values[r])})
-            out.append(hits)
-        return out
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
-    def _entry_places(self) -> dict[int, tuple[str, int]]:
-        from knnlm_vdb.datastore.base import entry_ids
+    def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
+        from knnlm_vdb.datastore.faiss_provenance import nearest_entries
 
-        if getattr(self, "_places", None) is None or self._places[0] != self.count():
-            domain = self.domain
-            places = {}
-            for doc, rec in self.ledger().documents().items():
-                positions = np.arange(1, rec.n_tokens, dtype=np.int64)
-                for i, p in zip(entry_ids(domain, doc, positions).tolist(), positions.tolist()):
-                    places[i] = (doc, p)
-            self._places = (self.count(), places)
-        return self._places[1]
+        return nearest_entries(self, queries, n)
 
     def ledger(self):
         from knnlm_vdb.datastore.ledger import JsonLedger
