@@ -17,7 +17,7 @@ from knnlm_vdb.corpus import read_documents
 from knnlm_vdb.datastore import StoreInfo
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
 from knnlm_vdb.encoder import Encoder
-from knnlm_vdb.evaluate import evaluate, tune
+from knnlm_vdb.evaluate import evaluate, tune_datastore
 from knnlm_vdb.ingest import ingest
 from knnlm_vdb.lm import load_lm
 
@@ -62,8 +62,7 @@ def main() -> None:
 
     valid_ids, test_ids = tokens("valid"), tokens("test")
     t = time.perf_counter()
-    valid = evaluate(enc, valid_ids, [flat], k=args.max_k, keep_neighbours=True)
-    grid = tune(valid.neighbours)
+    grid = tune_datastore(enc, flat, [valid_ids], max_k=args.max_k, adaptive=False, save=False)
     best = grid["best"]
     tune_seconds = time.perf_counter() - t
     k, T, lam = best["k"], best["temperature"], best["lambda"]
@@ -91,7 +90,7 @@ def main() -> None:
                                           ("speed_vs_base", "× base tokens/s (same run)", ".2f")])
     write_results(f"quality-{args.corpus}-{args.max_tokens or 'all'}", {
         "args": vars(args), "datastore_entries": flat.count(), "build": build, "tune_seconds": tune_seconds,
-        "valid": {"base_ppl": grid["base_ppl"], "best": best, "tokens": valid.tokens}, "test": rows,
+        "valid": {"base_ppl": grid["base_ppl"], "best": best, "tokens": grid["tokens"]}, "test": rows,
         "grid": grid["grid"]}, table)
 
 

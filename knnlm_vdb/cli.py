@@ -271,7 +271,7 @@ def tune(model, key_type, ctx, stride, batch_size, device, dtype, datastores, ba
                      f"search skipped for {100 * auto['valid_skipped']:.0f}% of tokens")
     lines.append("stored with the datastore; eval and serve use " + ("--lambda auto" if adaptive else "these")
                  + " by default")
-    emit({k: v for k, v in payload.items() if k != "calibration"}, as_json, lines)
+    emit({k: v for k, v in payload.items() if k not in ("calibration", "grid")}, as_json, lines)
 
 
 @main.command()

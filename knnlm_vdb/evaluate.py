@@ -215,7 +215,7 @@ def tune_datastore(encoder: Encoder, store: Datastore, sequences, max_k: int = 1
     res = evaluate(encoder, sequences, [store], k=max_k, keep_neighbours=True, show_progress=show_progress)
     grid = tune(res.neighbours, ks=[k for k in TUNE_KS if k <= max_k] or [max_k])
     best = grid["best"]
-    report = {"best": best, "base_ppl": grid["base_ppl"], "tokens": res.tokens}
+    report = {"best": best, "base_ppl": grid["base_ppl"], "tokens": res.tokens, "grid": grid["grid"]}
     tuned = {"k": best["k"], "temperature": best["temperature"], "lambda": best["lambda"], "valid_ppl": best["ppl"],
              "valid_base_ppl": grid["base_ppl"], "valid_tokens": res.tokens}
     if save:

@@ -169,6 +169,7 @@ def test_token_scopes(tls_server, pki, token, read_code, write_code):
     with KnnlmClient(f"127.0.0.1:{tls_server.port}", tls_ca=pki["ca"], token=token, timeout=10) as c:
         assert code_of(c.score, TEXT) == read_code
         assert code_of(c.list_domains) == read_code
+        assert code_of(lambda: list(c.generate("The quick", max_new_tokens=2))) == read_code  # a read scope
         assert code_of(c.append, "code", [("doc-" + str(token), "a new document")]) == write_code
         assert c.health() == "SERVING"  # probes need no token
 
