@@ -21,17 +21,16 @@ from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 
 
+def _optional(message, **fields):
+    """Set the fields that are not None: an unset optional field means "the server's default"."""
+    for name, value in fields.items():
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
 def _settings(k=None, temperature=None, lmbda=None, adaptive=None) -> pb.KnnSettings:
-    s = pb.KnnSettings()
-    if adaptive is not None:
-        s.adaptive = adaptive
-    if k is not None:
-        s.k = k
-    if temperature is not None:
-        s.temperature = temperature
-    if lmbda is not None:
-        s.lmbda = lmbda
-    return s
+    return _optional(pb.KnnSettings(), adaptive=adaptive, k=k, temperature=temperature, lmbda=lmbda)
 
 
 def _read(path) -> bytes | None:
@@ -110,12 +109,7 @@ class KnnlmClient:
             req.prompt = prompt
         else:
             req.prompt_token_ids.extend(prompt)
-        if temperature_lm is not None:
-            req.temperature = temperature_lm
-        if top_p is not None:
-            req.top_p = top_p
-        if seed is not None:
-            req.seed = seed
+        _optional(req, temperature=temperature_lm, top_p=top_p, seed=seed)
         call = self.stub.Generate(req, **self._kw(timeout))
         try:
             yield from call
