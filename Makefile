@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test tools bench clean
+.PHONY: demo test tools bench bench-generate clean
 
 # torch first, so that the package's open `torch>=2.2` is already met: 2.13.0 is the CPU-only
 # wheel on our machines (pip's find-links); elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -43,6 +43,21 @@ bench: $(VENV)/.dev
 	cd benchmarks && ../$(PY) ingest.py --max-tokens 4000 --no-progress
 	cd benchmarks && ../$(PY) serve_load.py --datastore cache/pydocs-408000-ffn_input-c1024s512-ivfpq \
 		--clients 1,4,16 --requests-per-client 4
+	$(MAKE) bench-generate
+
+# benchmarks/generate.py's datastores: built and tuned by the CLI itself, once (cached)
+GEN_KNN := ../$(VENV)/bin/knnlm-vdb
+CORPORA ?= $(or $(KNNLM_CORPORA),../../shared/corpora)
+bench-generate: $(VENV)/.dev
+	cd benchmarks && test -f cache/gen-pydocs-120000-flat/meta.json || $(GEN_KNN) build \
+		--corpus $(CORPORA)/pydocs/train.txt --out cache/gen-pydocs-120000-flat --max-tokens 120000 --json
+	cd benchmarks && test -f cache/gen-debref-all-flat/meta.json || $(GEN_KNN) build \
+		--corpus $(CORPORA)/debref/train.txt --out cache/gen-debref-all-flat --json
+	cd benchmarks && for d in pydocs-120000 debref-all; do c=$${d%%-*}; test -f cache/gen-$$c-tune.json || \
+		$(GEN_KNN) tune --datastore cache/gen-$$d-flat --valid $(CORPORA)/$$c/valid.txt --max-tokens 10000 \
+		--json > cache/gen-$$c-tune.json; done
+	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
+		--prompts 200 --context 512 --new-tokens 32
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache benchmarks/cache
