@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 
 from knnlm_vdb import __version__
-from knnlm_vdb.cli_common import (emit, index_summary, knn_options, location_options, make_encoder, milvus_options,
-                                  model_options, new_domain_index, open_stores, opt, parse_lambda,
-                                  read_token_sequences, resolve_knn_settings, resolve_locations)
+from knnlm_vdb.cli_common import (emit, index_summary, knn_options, location_options, make_encoder, model_options,
+                                  new_domain_index, open_stores, opt, parse_lambda, read_token_sequences,
+                                  resolve_knn_settings, resolve_locations, store_spec)
 from knnlm_vdb.errors import KnnlmError, classify
 
 log = logging.getLogger("knnlm_vdb")
@@ -80,7 +80,7 @@ def main(verbose: int) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard, replace, as_json):
+def _ingest_into(store, encoder, corpus, max_tokens, shard, replace, as_json):
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.ingest import ingest
 
@@ -130,25 +130,17 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
           consistency, max_tokens, index, nlist, pq_m, nprobe, recompute, key_dtype, as_json):
     """Build a new datastore from corpus files (an append into a new, empty datastore)."""
     from knnlm_vdb.corpus import read_corpora
-    from knnlm_vdb.datastore import StoreInfo, create_store
+    from knnlm_vdb.datastore import IndexSpec, StoreInfo, create_spec
 
     backend, (location,) = resolve_locations(datastores, backend, uri, domains)
     _check_max_tokens(max_tokens)
-    index = new_domain_index(index, backend, uri)
-    if backend == "faiss":
-        index_options = {"index": index.lower(), "nlist": nlist, "pq_m": pq_m, "nprobe": nprobe,
-                         "recompute": recompute, "key_dtype": key_dtype}
-    else:
-        index_options = {"index_type": index.upper(), "index_params": {"nlist": nlist} if nlist else {},
-                         "search_params": {"nprobe": nprobe} if "IVF" in index.upper() else {}}
+    spec = store_spec(backend, location, uri, consistency)
+    index_spec = IndexSpec.from_options(backend, new_domain_index(index, backend, uri), nlist=nlist, pq_m=pq_m,
+                                        nprobe=nprobe, recompute=recompute, key_dtype=key_dtype)
     read_corpora(corpus)  # fail on bad input before loading the model
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    info = StoreInfo.for_encoder(encoder)
-    if backend == "faiss":
-        store = create_store("faiss", location, info, **index_options)
-    else:
-        store = create_store("milvus", uri, info, domain=location, **milvus_options(consistency), **index_options)
-    _ingest_into(store, encoder, corpus, backend, location, max_tokens, (0, 1), False, as_json)
+    store = create_spec(spec, StoreInfo.for_encoder(encoder), index_spec)
+    _ingest_into(store, encoder, corpus, max_tokens, (0, 1), False, as_json)
 
 
 @main.command()
@@ -171,31 +163,21 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
     shards may all try at once, and all but one then open the domain the winner made.
     """
     from knnlm_vdb.corpus import read_corpora
+    from knnlm_vdb.datastore import IndexSpec, StoreInfo, open_or_create, preflight
     from knnlm_vdb.ingest import parse_shard
 
-    backend, (location,) = resolve_locations(datastores, backend, uri, domains)
+    backend, (location,) = resolve_locations(datastores, backend, uri, domains)  # a FAISS store exists (checked)
     shard_spec = parse_shard(shard)
     _check_max_tokens(max_tokens)
     read_corpora(corpus)
-    if backend == "faiss" and not (Path(location) / "meta.json").is_file():
-        raise KnnlmError(f"no FAISS datastore at {location}; create it with `knnlm-vdb build --out {location}`")
-    if backend == "milvus":
-        from knnlm_vdb.schema import preflight
-
-        preflight(uri, token=milvus_options()["token"])  # a database newer than this code: refuse before the model loads
+    spec = store_spec(backend, location, uri, consistency)
+    preflight(spec)  # a database newer than this code: refuse before the model loads
+    index_spec = IndexSpec.from_options(backend, new_domain_index(index, backend, uri), nlist=nlist, nprobe=nprobe)
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    if backend == "milvus":
-        from knnlm_vdb.datastore import StoreInfo
-        from knnlm_vdb.datastore.milvus.store import MilvusDatastore
-
-        itype = new_domain_index(index, backend, uri).upper()
-        store = MilvusDatastore.open_or_create(
-            uri, location, StoreInfo.for_encoder(encoder), **milvus_options(consistency), index_type=itype,
-            index_params={"nlist": nlist} if nlist else {}, search_params={"nprobe": nprobe} if "IVF" in itype else {})
-        store.info.check_compatible(StoreInfo.for_encoder(encoder), location)
-    else:
-        (store,) = open_stores(backend, [location], uri, consistency, encoder)
-    _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard_spec, replace, as_json)
+    info = StoreInfo.for_encoder(encoder)
+    store = open_or_create(spec, info, index_spec)
+    store.info.check_compatible(info, location)
+    _ingest_into(store, encoder, corpus, max_tokens, shard_spec, replace, as_json)
 
 
 @main.command(name="eval")
@@ -218,11 +200,7 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
 
     lam = parse_lambda(lmbda)
     check_params(lmbda=None if lam == "auto" else lam, k=k, temperature=temperature)
-    read_corpora(corpus)  # bad input fails before the model loads
-    if backend == "faiss":
-        for d in locations:
-            if not (Path(d) / "meta.json").is_file():
-                raise KnnlmError(f"no FAISS datastore at {d} (missing meta.json); build one with `knnlm-vdb build`")
+    read_corpora(corpus)  # bad input fails before the model loads (a missing store failed in location_options)
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     with KnnLM(encoder, open_stores(backend, locations, uri, consistency, encoder), k=k, temperature=temperature,
                lmbda=lmbda, skip_below=skip_below) as lm:

@@ -143,15 +143,22 @@ def milvus_options(consistency: str | None = None) -> dict:
     return o
 
 
+def store_spec(backend: str, location: str, uri: str | None, consistency: str | None = None):
+    """One ``resolve_locations`` location -> a ``datastore.StoreSpec`` (the Milvus token from $KNNLM_MILVUS_TOKEN)."""
+    from knnlm_vdb.datastore import StoreSpec
+
+    if backend == "faiss":
+        return StoreSpec("faiss", location)
+    o = milvus_options(consistency)
+    return StoreSpec("milvus", uri, domain=location, consistency=o.get("consistency"), token=o["token"])
+
+
 def open_stores(backend, locations, uri, consistency, encoder=None):
-    from knnlm_vdb.datastore import StoreInfo, open_store
+    from knnlm_vdb.datastore import StoreInfo, open_spec
 
     stores = []
     for loc in locations:
-        if backend == "faiss":
-            store = open_store("faiss", loc)
-        else:
-            store = open_store("milvus", uri, domain=loc, **milvus_options(consistency))
+        store = open_spec(store_spec(backend, loc, uri, consistency))
         if encoder is not None:
             store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
         stores.append(store)
