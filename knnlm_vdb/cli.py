@@ -20,7 +20,9 @@ from knnlm_vdb import __version__
 from knnlm_vdb.cli_common import (emit, index_summary, knn_options, location_options, make_encoder, model_options,
                                   new_domain_index, open_stores, opt, parse_lambda, read_token_sequences,
                                   resolve_knn_settings, resolve_locations, store_spec)
+from knnlm_vdb.datastore.spec import BACKENDS
 from knnlm_vdb.errors import KnnlmError, classify
+from knnlm_vdb.settings import CONSISTENCY_LEVELS
 
 log = logging.getLogger("knnlm_vdb")
 
@@ -111,13 +113,15 @@ def _check_max_tokens(max_tokens):
 @main.command()
 @model_options
 @click.option("--corpus", multiple=True, required=True, type=click.Path(), help="text or JSONL file (repeatable)")
-@click.option("--out", "datastores", type=click.Path(), default=None, help="FAISS datastore directory to create")
-@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default=None,
-              help="faiss when --out is given, else milvus")
+@click.option("--datastore", "--out", "datastores", type=click.Path(), default=None,
+              help="FAISS datastore directory to create (--out is the same option)")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="faiss when --datastore is given, else milvus")
 @opt("uri", help="Milvus: local file (Milvus Lite) or http://host:19530")
 @click.option("--domain", "domains", default=None, help="Milvus domain (collection) to create")
-@opt("consistency", type=click.Choice(["Strong", "Bounded", "Session", "Eventually"]))
-@click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
+@opt("consistency", type=click.Choice(CONSISTENCY_LEVELS), help="Milvus read consistency")
+@click.option("--max-tokens", type=int, default=None,
+              help="stop after adding this many datastore entries (one per scored corpus token)")
 @opt("index", show_default=False, help="FAISS: flat|ivfpq; Milvus: FLAT, IVF_FLAT, HNSW, ... (see README) "
                                        "[default: flat; HNSW on Milvus Lite]")
 @click.option("--nlist", type=int, default=None, help="IVF lists [default: ~4·sqrt(n)]")
@@ -149,7 +153,8 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
 @location_options(multiple=False)
 @click.option("--shard", default="0/1", show_default=True, help="encode only shard i of N (i/N), for parallel workers")
 @click.option("--replace", is_flag=True, help="re-ingest documents whose text changed, deleting their old entries")
-@click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
+@click.option("--max-tokens", type=int, default=None,
+              help="stop after adding this many datastore entries (one per scored corpus token)")
 @opt("index", show_default=False, help="Milvus: index of a domain that does not exist yet (FLAT, IVF_FLAT, "
                                        "HNSW, ...) [default: FLAT; HNSW on Milvus Lite]")
 @click.option("--nlist", type=int, default=None, help="Milvus: IVF lists of a new domain")
@@ -185,7 +190,7 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
 @location_options(multiple=True)
 @knn_options
 @click.option("--corpus", multiple=True, required=True, type=click.Path(), help="text or JSONL file to score")
-@click.option("--max-tokens", type=int, default=None, help="score at most this many tokens")
+@click.option("--max-tokens", type=int, default=None, help="score at most this many corpus tokens")
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
 def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
              k, temperature, lmbda, skip_below, corpus, max_tokens, as_json):
@@ -222,7 +227,7 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
 @model_options
 @location_options(multiple=False)
 @click.option("--valid", "corpus", multiple=True, required=True, type=click.Path(), help="validation text")
-@click.option("--max-tokens", type=int, default=None, help="use at most this many validation tokens")
+@click.option("--max-tokens", type=int, default=None, help="score at most this many validation tokens")
 @click.option("--max-k", type=int, default=1024, show_default=True, help="largest k tried")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="also fit the per-token λ gate used by --lambda auto")
@@ -253,7 +258,7 @@ def tune(model, key_type, ctx, stride, batch_size, device, dtype, datastores, ba
 
 
 @main.command()
-@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="milvus", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="milvus", show_default=True,
               help="milvus runs on Milvus Lite (an embedded local file)")
 @click.option("--workdir", type=click.Path(), default="./knnlm-demo", show_default=True)
 @opt("model")

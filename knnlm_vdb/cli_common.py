@@ -15,7 +15,9 @@ import click
 
 from knnlm_vdb.errors import InvalidInput, KnnlmError
 from knnlm_vdb.knn_settings import parse_lambda  # noqa: F401  (re-exported for the commands)
-from knnlm_vdb.settings import DEFAULT_INDEX_BY_DEPLOYMENT, DEFAULT_K_BY_DEPLOYMENT, DEFAULTS, KEY_TYPES, env_name
+from knnlm_vdb.datastore.spec import BACKENDS
+from knnlm_vdb.settings import (CONSISTENCY_LEVELS, DEFAULT_INDEX_BY_DEPLOYMENT, DEFAULT_K_BY_DEPLOYMENT, DEFAULTS,
+                                KEY_TYPES, env_name)
 
 TOKEN_ENV = "KNNLM_MILVUS_TOKEN"  # secrets come from the environment, never from argv
 
@@ -85,12 +87,12 @@ def location_options(multiple: bool):
         for o in reversed([
             click.option("--datastore", "datastores", multiple=multiple, type=click.Path(),
                          help="FAISS datastore directory" + (" (repeatable)" if multiple else "")),
-            click.option("--backend", type=click.Choice(["faiss", "milvus"]), default=None,
+            click.option("--backend", type=click.Choice(BACKENDS), default=None,
                          help="faiss when --datastore is given, else milvus"),
             opt("uri", help="Milvus: local file (Milvus Lite) or http://host:19530; token from $" + TOKEN_ENV),
             click.option("--domain", "domains", multiple=multiple, default=None,
                          help="Milvus domain (collection)" + (" (repeatable: merged top-k)" if multiple else "")),
-            opt("consistency", type=click.Choice(["Strong", "Bounded", "Session", "Eventually"]),
+            opt("consistency", type=click.Choice(CONSISTENCY_LEVELS),
                 help="Milvus read consistency"),
         ]):
             f = o(f)

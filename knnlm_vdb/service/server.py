@@ -39,6 +39,7 @@ from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 from knnlm_vdb.errors import Incompatible, KnnlmError, NotFound
 from knnlm_vdb.service.batcher import Batcher
 from knnlm_vdb.service.generation import GenerateRpc
+from knnlm_vdb.service.limits import Limits
 from knnlm_vdb.service.metrics import Metrics, backend_of
 from knnlm_vdb.service.scoring import DatastoreUnavailable, Job, Scorer
 from knnlm_vdb.service.wire import add_servicer
@@ -50,19 +51,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Knnlm"].full_name  # knnlm.v1.Knn
 DEFAULT_TOP_N = 10
 MAX_DOC_ID_BYTES = 1024  # what every backend can store (Milvus: VARCHAR(1024))
 
-
-@dataclass
-class Limits:
-    """What one request may ask for; each is a ``serve`` flag of the same name."""
-
-    max_text_tokens: int = 8192  # Score text, NextToken context, one appended document
-    max_k: int = 4096
-    max_top_n: int = 1000
-    max_request_bytes: int = 4 << 20  # gRPC refuses larger messages with RESOURCE_EXHAUSTED
-    max_response_bytes: int = 64 << 20
-    max_concurrent: int = 16  # Knnlm RPCs in progress; more get RESOURCE_EXHAUSTED
-    max_new_tokens: int = 512  # Generate: tokens one request may ask for
-    request_timeout_s: float = 60.0  # a request's deadline when it sets none, and the cap on longer ones
+__all__ = ["Domain", "KnnlmServer", "KnnlmService", "Limits", "Listen", "SERVICE_NAME"]
 
 
 @dataclass
