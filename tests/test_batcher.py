@@ -7,25 +7,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import TINY_TEXT
 
-from knnlm_vdb.corpus import Document
-from knnlm_vdb.datastore import StoreInfo, create_store
-from knnlm_vdb.encoder import Encoder
 from knnlm_vdb.errors import BackendUnavailable
-from knnlm_vdb.ingest import ingest
 from knnlm_vdb.service.batcher import Batcher, DeadlineExceeded, ShuttingDown
 from knnlm_vdb.service.scoring import Job, Scorer
 
 
 @pytest.fixture(scope="module")
-def parts(llama_lm, tmp_path_factory):
-    encoder = Encoder(llama_lm, ctx=32, stride=16, batch_size=4)
-    store = create_store("faiss", str(tmp_path_factory.mktemp("batcher") / "ds"), StoreInfo.for_encoder(encoder),
-                         key_dtype="float32", domain="fox")
-    ingest(encoder, store, [Document("fox", TINY_TEXT)], domain="fox", show_progress=False)
-    yield encoder, store
-    store.close()
+def parts(fox_store):
+    return fox_store
 
 
 def job(encoder, store, text="The quick brown fox") -> Job:

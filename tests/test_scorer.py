@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY_TEXT
 
-from knnlm_vdb.corpus import Document
-from knnlm_vdb.datastore import StoreInfo, create_store
-from knnlm_vdb.encoder import Encoder
 from knnlm_vdb.evaluate import evaluate
-from knnlm_vdb.ingest import ingest
 from knnlm_vdb.service.scoring import Job, Scorer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 3
 
 
 @pytest.fixture(scope="module")
-def setup(llama_lm, tmp_path_factory):
-    encoder = Encoder(llama_lm, ctx=32, stride=16, batch_size=4)
-    store = create_store("faiss", str(tmp_path_factory.mktemp("scorer") / "ds"), StoreInfo.for_encoder(encoder),
-                         key_dtype="float32", domain="fox")
-    ingest(encoder, store, [Document("fox", TINY_TEXT)], domain="fox", show_progress=False)
-    yield encoder, store
-    store.close()
+def setup(fox_store):
+    return fox_store
 
 
 def job(encoder, store, text, top_n=0, **kw) -> Job:
