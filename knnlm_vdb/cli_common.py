@@ -145,22 +145,24 @@ def milvus_options(consistency: str | None = None) -> dict:
     return o
 
 
-def store_spec(backend: str, location: str, uri: str | None, consistency: str | None = None):
-    """One ``resolve_locations`` location -> a ``datastore.StoreSpec`` (the Milvus token from $KNNLM_MILVUS_TOKEN)."""
+def store_spec(backend: str, location: str, uri: str | None, consistency: str | None = None,
+               token: str | None = None):
+    """One ``resolve_locations`` location -> a ``datastore.StoreSpec`` (the Milvus ``token``, else $KNNLM_MILVUS_TOKEN)."""
     from knnlm_vdb.datastore import StoreSpec
 
     if backend == "faiss":
         return StoreSpec("faiss", location)
     o = milvus_options(consistency)
-    return StoreSpec("milvus", uri, domain=location, consistency=o.get("consistency"), token=o["token"])
+    return StoreSpec("milvus", uri, domain=location, consistency=o.get("consistency"), token=token or o["token"])
 
 
-def open_stores(backend, locations, uri, consistency, encoder=None):
+def open_stores(backend, locations, uri, consistency, encoder=None, token=None):
+    """Open each location's store and refuse another model's (``Incompatible``)."""
     from knnlm_vdb.datastore import StoreInfo, open_spec
 
     stores = []
     for loc in locations:
-        store = open_spec(store_spec(backend, loc, uri, consistency))
+        store = open_spec(store_spec(backend, loc, uri, consistency, token))
         if encoder is not None:
             store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
         stores.append(store)

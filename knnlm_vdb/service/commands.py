@@ -32,19 +32,6 @@ def _from_dir(env: str, name: str) -> str | None:
     return str(Path(d) / name) if d and (Path(d) / name).is_file() else None
 
 
-def _open_domains(backend, locations, uri, consistency, encoder, milvus_token):
-    if backend == "faiss" or milvus_token is None:
-        return open_stores(backend, locations, uri, consistency, encoder)
-    from knnlm_vdb.datastore import StoreInfo, open_store
-
-    stores = []
-    for loc in locations:
-        store = open_store("milvus", uri, domain=loc, **{**milvus_options(consistency), "token": milvus_token})
-        store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
-        stores.append(store)
-    return stores
-
-
 def _every_domain(uri, milvus_token) -> list[str]:
     """serve without --domain: every domain of the database at ``uri``."""
     from knnlm_vdb.datastore.milvus import list_domains, redact_uri
@@ -170,7 +157,7 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
     backend, locations = resolve_locations(datastores, backend, uri, domains)
 
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    stores = _open_domains(backend, locations, uri, consistency, encoder, milvus_token)
+    stores = open_stores(backend, locations, uri, consistency, encoder, token=milvus_token)
     served = []
     for loc, store in zip(locations, stores):
         name = Path(loc).name if backend == "faiss" else loc
