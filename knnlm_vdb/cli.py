@@ -17,10 +17,12 @@ from pathlib import Path
 import click
 
 from knnlm_vdb import __version__
-from knnlm_vdb.cli_common import (emit, index_summary, knn_options, location_options, make_encoder, milvus_options,
-                                  model_options, new_domain_index, open_stores, opt, parse_lambda,
-                                  read_token_sequences, resolve_knn_settings, resolve_locations)
+from knnlm_vdb.cli_common import (emit, index_summary, knn_options, location_options, make_encoder, model_options,
+                                  new_domain_index, open_stores, opt, parse_lambda, read_token_sequences,
+                                  resolve_knn_settings, resolve_locations, store_spec)
+from knnlm_vdb.datastore.spec import BACKENDS
 from knnlm_vdb.errors import KnnlmError, classify
+from knnlm_vdb.settings import CONSISTENCY_LEVELS
 
 log = logging.getLogger("knnlm_vdb")
 
@@ -80,7 +82,7 @@ def main(verbose: int) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard, replace, as_json):
+def _ingest_into(store, encoder, corpus, max_tokens, shard, replace, as_json):
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.ingest import ingest
 
@@ -111,13 +113,15 @@ def _check_max_tokens(max_tokens):
 @main.command()
 @model_options
 @click.option("--corpus", multiple=True, required=True, type=click.Path(), help="text or JSONL file (repeatable)")
-@click.option("--out", "datastores", type=click.Path(), default=None, help="FAISS datastore directory to create")
-@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default=None,
-              help="faiss when --out is given, else milvus")
+@click.option("--datastore", "--out", "datastores", type=click.Path(), default=None,
+              help="FAISS datastore directory to create (--out is the same option)")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="faiss when --datastore is given, else milvus")
 @opt("uri", help="Milvus: local file (Milvus Lite) or http://host:19530")
 @click.option("--domain", "domains", default=None, help="Milvus domain (collection) to create")
-@opt("consistency", type=click.Choice(["Strong", "Bounded", "Session", "Eventually"]))
-@click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
+@opt("consistency", type=click.Choice(CONSISTENCY_LEVELS), help="Milvus read consistency")
+@click.option("--max-tokens", type=int, default=None,
+              help="stop after adding this many datastore entries (one per scored corpus token)")
 @opt("index", show_default=False, help="FAISS: flat|ivfpq; Milvus: FLAT, IVF_FLAT, HNSW, ... (see README) "
                                        "[default: flat; HNSW on Milvus Lite]")
 @click.option("--nlist", type=int, default=None, help="IVF lists [default: ~4·sqrt(n)]")
@@ -130,25 +134,17 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
           consistency, max_tokens, index, nlist, pq_m, nprobe, recompute, key_dtype, as_json):
     """Build a new datastore from corpus files (an append into a new, empty datastore)."""
     from knnlm_vdb.corpus import read_corpora
-    from knnlm_vdb.datastore import StoreInfo, create_store
+    from knnlm_vdb.datastore import IndexSpec, StoreInfo, create_spec
 
     backend, (location,) = resolve_locations(datastores, backend, uri, domains)
     _check_max_tokens(max_tokens)
-    index = new_domain_index(index, backend, uri)
-    if backend == "faiss":
-        index_options = {"index": index.lower(), "nlist": nlist, "pq_m": pq_m, "nprobe": nprobe,
-                         "recompute": recompute, "key_dtype": key_dtype}
-    else:
-        index_options = {"index_type": index.upper(), "index_params": {"nlist": nlist} if nlist else {},
-                         "search_params": {"nprobe": nprobe} if "IVF" in index.upper() else {}}
+    spec = store_spec(backend, location, uri, consistency)
+    index_spec = IndexSpec.from_options(backend, new_domain_index(index, backend, uri), nlist=nlist, pq_m=pq_m,
+                                        nprobe=nprobe, recompute=recompute, key_dtype=key_dtype)
     read_corpora(corpus)  # fail on bad input before loading the model
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    info = StoreInfo.for_encoder(encoder)
-    if backend == "faiss":
-        store = create_store("faiss", location, info, **index_options)
-    else:
-        store = create_store("milvus", uri, info, domain=location, **milvus_options(consistency), **index_options)
-    _ingest_into(store, encoder, corpus, backend, location, max_tokens, (0, 1), False, as_json)
+    store = create_spec(spec, StoreInfo.for_encoder(encoder), index_spec)
+    _ingest_into(store, encoder, corpus, max_tokens, (0, 1), False, as_json)
 
 
 @main.command()
@@ -157,7 +153,8 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
 @location_options(multiple=False)
 @click.option("--shard", default="0/1", show_default=True, help="encode only shard i of N (i/N), for parallel workers")
 @click.option("--replace", is_flag=True, help="re-ingest documents whose text changed, deleting their old entries")
-@click.option("--max-tokens", type=int, default=None, help="stop after this many entries")
+@click.option("--max-tokens", type=int, default=None,
+              help="stop after adding this many datastore entries (one per scored corpus token)")
 @opt("index", show_default=False, help="Milvus: index of a domain that does not exist yet (FLAT, IVF_FLAT, "
                                        "HNSW, ...) [default: FLAT; HNSW on Milvus Lite]")
 @click.option("--nlist", type=int, default=None, help="Milvus: IVF lists of a new domain")
@@ -171,31 +168,21 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
     shards may all try at once, and all but one then open the domain the winner made.
     """
     from knnlm_vdb.corpus import read_corpora
+    from knnlm_vdb.datastore import IndexSpec, StoreInfo, open_or_create, preflight
     from knnlm_vdb.ingest import parse_shard
 
-    backend, (location,) = resolve_locations(datastores, backend, uri, domains)
+    backend, (location,) = resolve_locations(datastores, backend, uri, domains)  # a FAISS store exists (checked)
     shard_spec = parse_shard(shard)
     _check_max_tokens(max_tokens)
     read_corpora(corpus)
-    if backend == "faiss" and not (Path(location) / "meta.json").is_file():
-        raise KnnlmError(f"no FAISS datastore at {location}; create it with `knnlm-vdb build --out {location}`")
-    if backend == "milvus":
-        from knnlm_vdb.schema import preflight
-
-        preflight(uri, token=milvus_options()["token"])  # a database newer than this code: refuse before the model loads
+    spec = store_spec(backend, location, uri, consistency)
+    preflight(spec)  # a database newer than this code: refuse before the model loads
+    index_spec = IndexSpec.from_options(backend, new_domain_index(index, backend, uri), nlist=nlist, nprobe=nprobe)
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    if backend == "milvus":
-        from knnlm_vdb.datastore import StoreInfo
-        from knnlm_vdb.datastore.milvus.store import MilvusDatastore
-
-        itype = new_domain_index(index, backend, uri).upper()
-        store = MilvusDatastore.open_or_create(
-            uri, location, StoreInfo.for_encoder(encoder), **milvus_options(consistency), index_type=itype,
-            index_params={"nlist": nlist} if nlist else {}, search_params={"nprobe": nprobe} if "IVF" in itype else {})
-        store.info.check_compatible(StoreInfo.for_encoder(encoder), location)
-    else:
-        (store,) = open_stores(backend, [location], uri, consistency, encoder)
-    _ingest_into(store, encoder, corpus, backend, location, max_tokens, shard_spec, replace, as_json)
+    info = StoreInfo.for_encoder(encoder)
+    store = open_or_create(spec, info, index_spec)
+    store.info.check_compatible(info, location)
+    _ingest_into(store, encoder, corpus, max_tokens, shard_spec, replace, as_json)
 
 
 @main.command(name="eval")
@@ -203,7 +190,7 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
 @location_options(multiple=True)
 @knn_options
 @click.option("--corpus", multiple=True, required=True, type=click.Path(), help="text or JSONL file to score")
-@click.option("--max-tokens", type=int, default=None, help="score at most this many tokens")
+@click.option("--max-tokens", type=int, default=None, help="score at most this many corpus tokens")
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
 def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
              k, temperature, lmbda, skip_below, corpus, max_tokens, as_json):
@@ -218,11 +205,7 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
 
     lam = parse_lambda(lmbda)
     check_params(lmbda=None if lam == "auto" else lam, k=k, temperature=temperature)
-    read_corpora(corpus)  # bad input fails before the model loads
-    if backend == "faiss":
-        for d in locations:
-            if not (Path(d) / "meta.json").is_file():
-                raise KnnlmError(f"no FAISS datastore at {d} (missing meta.json); build one with `knnlm-vdb build`")
+    read_corpora(corpus)  # bad input fails before the model loads (a missing store failed in location_options)
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     with KnnLM(encoder, open_stores(backend, locations, uri, consistency, encoder), k=k, temperature=temperature,
                lmbda=lmbda, skip_below=skip_below) as lm:
@@ -244,7 +227,7 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
 @model_options
 @location_options(multiple=False)
 @click.option("--valid", "corpus", multiple=True, required=True, type=click.Path(), help="validation text")
-@click.option("--max-tokens", type=int, default=None, help="use at most this many validation tokens")
+@click.option("--max-tokens", type=int, default=None, help="score at most this many validation tokens")
 @click.option("--max-k", type=int, default=1024, show_default=True, help="largest k tried")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="also fit the per-token λ gate used by --lambda auto")
@@ -275,7 +258,7 @@ def tune(model, key_type, ctx, stride, batch_size, device, dtype, datastores, ba
 
 
 @main.command()
-@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="milvus", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="milvus", show_default=True,
               help="milvus runs on Milvus Lite (an embedded local file)")
 @click.option("--workdir", type=click.Path(), default="./knnlm-demo", show_default=True)
 @opt("model")

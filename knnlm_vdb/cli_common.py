@@ -15,7 +15,9 @@ import click
 
 from knnlm_vdb.errors import InvalidInput, KnnlmError
 from knnlm_vdb.knn_settings import parse_lambda  # noqa: F401  (re-exported for the commands)
-from knnlm_vdb.settings import DEFAULT_INDEX_BY_DEPLOYMENT, DEFAULT_K_BY_DEPLOYMENT, DEFAULTS, KEY_TYPES, env_name
+from knnlm_vdb.datastore.spec import BACKENDS
+from knnlm_vdb.settings import (CONSISTENCY_LEVELS, DEFAULT_INDEX_BY_DEPLOYMENT, DEFAULT_K_BY_DEPLOYMENT, DEFAULTS,
+                                KEY_TYPES, env_name)
 
 TOKEN_ENV = "KNNLM_MILVUS_TOKEN"  # secrets come from the environment, never from argv
 
@@ -85,12 +87,12 @@ def location_options(multiple: bool):
         for o in reversed([
             click.option("--datastore", "datastores", multiple=multiple, type=click.Path(),
                          help="FAISS datastore directory" + (" (repeatable)" if multiple else "")),
-            click.option("--backend", type=click.Choice(["faiss", "milvus"]), default=None,
+            click.option("--backend", type=click.Choice(BACKENDS), default=None,
                          help="faiss when --datastore is given, else milvus"),
             opt("uri", help="Milvus: local file (Milvus Lite) or http://host:19530; token from $" + TOKEN_ENV),
             click.option("--domain", "domains", multiple=multiple, default=None,
                          help="Milvus domain (collection)" + (" (repeatable: merged top-k)" if multiple else "")),
-            opt("consistency", type=click.Choice(["Strong", "Bounded", "Session", "Eventually"]),
+            opt("consistency", type=click.Choice(CONSISTENCY_LEVELS),
                 help="Milvus read consistency"),
         ]):
             f = o(f)
@@ -143,15 +145,24 @@ def milvus_options(consistency: str | None = None) -> dict:
     return o
 
 
-def open_stores(backend, locations, uri, consistency, encoder=None):
-    from knnlm_vdb.datastore import StoreInfo, open_store
+def store_spec(backend: str, location: str, uri: str | None, consistency: str | None = None,
+               token: str | None = None):
+    """One ``resolve_locations`` location -> a ``datastore.StoreSpec`` (the Milvus ``token``, else $KNNLM_MILVUS_TOKEN)."""
+    from knnlm_vdb.datastore import StoreSpec
+
+    if backend == "faiss":
+        return StoreSpec("faiss", location)
+    o = milvus_options(consistency)
+    return StoreSpec("milvus", uri, domain=location, consistency=o.get("consistency"), token=token or o["token"])
+
+
+def open_stores(backend, locations, uri, consistency, encoder=None, token=None):
+    """Open each location's store and refuse another model's (``Incompatible``)."""
+    from knnlm_vdb.datastore import StoreInfo, open_spec
 
     stores = []
     for loc in locations:
-        if backend == "faiss":
-            store = open_store("faiss", loc)
-        else:
-            store = open_store("milvus", uri, domain=loc, **milvus_options(consistency))
+        store = open_spec(store_spec(backend, loc, uri, consistency, token))
         if encoder is not None:
             store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
         stores.append(store)

@@ -27,11 +27,11 @@ from datetime import datetime, timezone
 from types import ModuleType
 
 from knnlm_vdb.datastore.milvus.catalog import domain_collections
-from knnlm_vdb.datastore.milvus.connection import (check_lite_location, connect, deployment_of, is_lite_database,
-                                                   redact_uri, rpc)
+from knnlm_vdb.datastore.milvus.connection import connect, deployment_of, redact_uri, rpc
 from knnlm_vdb.datastore.milvus.naming import SCHEMA_COLLECTION
 from knnlm_vdb.datastore.milvus.versions import (check_schema_version, create_schema_collection, migration_names,
                                                  read_schema_state, write_schema_state)
+from knnlm_vdb.datastore.milvus.versions import preflight  # noqa: F401  (its home was here; callers import it)
 from knnlm_vdb.errors import KnnlmError
 
 log = logging.getLogger(__name__)
@@ -179,17 +179,3 @@ def migrate(uri: str, to: int | None = None, dry_run: bool = False, token: str |
             "to": steps[-1]["version"] if steps else current, "latest": latest, "applied": steps}
 
 
-def preflight(uri: str, token: str | None = None, timeout: float | None = None) -> int:
-    """Refuse a database newer than this code before anything expensive (loading a model) happens.
-
-    Returns the recorded version (0: none, or no Lite file yet).
-    """
-    if deployment_of(uri) == "lite" and not is_lite_database(uri):
-        check_lite_location(uri, create=True)  # a path append cannot create a database at fails now
-        return 0
-    client = connect(uri, token, timeout, None, must_exist=True)
-    try:
-        with rpc("read the schema version", uri):
-            return check_schema_version(client, uri)
-    finally:
-        client.close()

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, object] = {
 }
 
 KEY_TYPES = ("ffn_input", "final_hidden")
+CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")  # Milvus read consistency (--consistency)
 MAX_K = 16384  # neighbours per query, every backend: Milvus returns at most this many
 
 # Settings whose real default is what `tune` stored with the datastore (adaptive λ when it fitted

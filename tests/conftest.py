@@ -136,6 +136,22 @@ def llama_lm(tokenizer):
     return from_objects(tiny_model("llama"), tokenizer, name="tiny-llama")
 
 
+@pytest.fixture(scope="module")
+def fox_store(llama_lm, tmp_path_factory):
+    """(encoder with short windows, a FAISS store of TINY_TEXT as document "fox" in domain "fox")."""
+    from knnlm_vdb.corpus import Document
+    from knnlm_vdb.datastore import StoreInfo, create_store
+    from knnlm_vdb.encoder import Encoder
+    from knnlm_vdb.ingest import ingest
+
+    encoder = Encoder(llama_lm, ctx=32, stride=16, batch_size=4)
+    store = create_store("faiss", str(tmp_path_factory.mktemp("fox") / "ds"), StoreInfo.for_encoder(encoder),
+                         key_dtype="float32", domain="fox")
+    ingest(encoder, store, [Document("fox", TINY_TEXT)], domain="fox", show_progress=False)
+    yield encoder, store
+    store.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory, tokenizer):
     """Two saved tiny models on disk (``--model DIR``): a Llama and a GPT-2 of the same vocabulary."""

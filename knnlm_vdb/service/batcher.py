@@ -15,17 +15,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from knnlm_vdb.errors import BackendUnavailable
 from knnlm_vdb.service.scoring import Job, Scorer
+from knnlm_vdb.service.status import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before its batch ran."""
+__all__ = ["Batcher", "DeadlineExceeded", "ShuttingDown", "Ticket"]
 
 
-class ShuttingDown(Exception):
-    """The batcher stopped before the request ran."""
+class ShuttingDown(BackendUnavailable):
+    """The batcher stopped before the request ran (UNAVAILABLE: another replica can answer)."""
 
 
 @dataclass

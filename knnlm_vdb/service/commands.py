@@ -16,6 +16,7 @@ from knnlm_vdb.cli_common import (TOKEN_ENV, emit, knn_options, location_options
 from knnlm_vdb.errors import BackendUnavailable, Incompatible, InvalidInput, KnnlmError, NotFound
 from knnlm_vdb.settings import REQUEST_TIMEOUT_ENV, REQUEST_TIMEOUT_S
 from knnlm_vdb.service import security
+from knnlm_vdb.service.limits import DEFAULT_MAX_WORKERS, Limits
 from knnlm_vdb.settings import MAX_K
 
 log = logging.getLogger("knnlm_vdb.serve")
@@ -29,19 +30,6 @@ def _from_dir(env: str, name: str) -> str | None:
     """``$env/name`` when the Helm chart mounted a Secret there and it holds that key."""
     d = os.environ.get(env)
     return str(Path(d) / name) if d and (Path(d) / name).is_file() else None
-
-
-def _open_domains(backend, locations, uri, consistency, encoder, milvus_token):
-    if backend == "faiss" or milvus_token is None:
-        return open_stores(backend, locations, uri, consistency, encoder)
-    from knnlm_vdb.datastore import StoreInfo, open_store
-
-    stores = []
-    for loc in locations:
-        store = open_store("milvus", uri, domain=loc, **{**milvus_options(consistency), "token": milvus_token})
-        store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
-        stores.append(store)
-    return stores
 
 
 def _every_domain(uri, milvus_token) -> list[str]:
@@ -93,20 +81,20 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
 @click.option("--port", type=int, default=50051, show_default=True, envvar="KNNLM_PORT", help="gRPC port (0: any free)")
 @click.option("--health-port", type=int, default=None, envvar="KNNLM_HEALTH_PORT",
               help="also answer grpc.health.v1 on this plaintext port (kubelet probes when TLS is on)")
-@click.option("--max-workers", type=int, default=8, show_default=True, envvar="KNNLM_MAX_WORKERS",
+@click.option("--max-workers", type=int, default=DEFAULT_MAX_WORKERS, show_default=True, envvar="KNNLM_MAX_WORKERS",
               help="gRPC request threads")
 @click.option("--max-batch", type=int, default=32, show_default=True, help="requests per LM forward (1: no batching)")
 @click.option("--batch-wait-ms", type=float, default=5.0, show_default=True,
               help="how long a batch waits for more requests")
-@click.option("--max-text-tokens", type=int, default=8192, show_default=True,
+@click.option("--max-text-tokens", type=int, default=Limits.max_text_tokens, show_default=True,
               help="tokens per Score text, NextToken context or appended document")
-@click.option("--max-k", type=int, default=4096, show_default=True, help="largest k a request may ask for")
-@click.option("--max-new-tokens", type=int, default=512, show_default=True,
+@click.option("--max-k", type=int, default=Limits.max_k, show_default=True, help="largest k a request may ask for")
+@click.option("--max-new-tokens", type=int, default=Limits.max_new_tokens, show_default=True,
               help="largest max_new_tokens a Generate request may ask for")
-@click.option("--max-request-bytes", type=int, default=4 << 20, show_default=True, help="largest gRPC message")
+@click.option("--max-request-bytes", type=int, default=Limits.max_request_bytes, show_default=True, help="largest gRPC message")
 @click.option("--max-concurrent", type=int, default=None,
               help="requests in progress at once; more get RESOURCE_EXHAUSTED [default: --max-workers]")
-@click.option("--request-timeout", type=float, default=REQUEST_TIMEOUT_S, show_default=True, envvar=REQUEST_TIMEOUT_ENV,
+@click.option("--request-timeout", type=float, default=Limits.request_timeout_s, show_default=True, envvar=REQUEST_TIMEOUT_ENV,
               help="seconds per request when the client sets no deadline, and the cap on longer ones "
                    "(score --timeout reads the same variable)")
 @click.option("--metrics-port", type=int, default=None, envvar="KNNLM_METRICS_PORT",
@@ -145,7 +133,7 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
 
     from knnlm_vdb.knn import check_params
     from knnlm_vdb.service.metrics import Metrics
-    from knnlm_vdb.service.server import Domain, KnnlmServer, KnnlmService, Limits, Listen
+    from knnlm_vdb.service.server import Domain, KnnlmServer, KnnlmService, Listen
 
     for name, value, low in (("--max-workers", max_workers, 1), ("--max-batch", max_batch, 1),
                              ("--max-text-tokens", max_text_tokens, 2), ("--max-k", max_k, 1),
@@ -169,7 +157,7 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
     backend, locations = resolve_locations(datastores, backend, uri, domains)
 
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    stores = _open_domains(backend, locations, uri, consistency, encoder, milvus_token)
+    stores = open_stores(backend, locations, uri, consistency, encoder, token=milvus_token)
     served = []
     for loc, store in zip(locations, stores):
         name = Path(loc).name if backend == "faiss" else loc

@@ -16,7 +16,7 @@ from knnlm_vdb.errors import KnnlmError
 from knnlm_vdb.knn_settings import Adaptive, Fixed
 from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service.batcher import ShuttingDown
-from knnlm_vdb.service.status import RequestError, from_knnlm_error, invalid
+from knnlm_vdb.service.status import DeadlineExceeded, RequestError, invalid, status_of
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class GenerateRpc:
             settings = Adaptive(calibrations) if calibrations is not None else Fixed(k, temperature, lmbda)
             deadline = time.monotonic() + self._timeout(context)
             if not self.batcher.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while waiting for the model")
+                raise DeadlineExceeded("the deadline passed while waiting for the model")
             try:
                 if self.batcher.closed:
                     raise ShuttingDown("the server is shutting down")
@@ -96,15 +96,10 @@ class GenerateRpc:
             finally:
                 self.batcher.lock.release()
             if context.is_active() and time.monotonic() > deadline:
-                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"the deadline passed after {tokens} generated token(s)")
-        except RequestError as exc:
-            code, message = exc.code, exc.message
-        except KnnlmError as exc:
-            code, message = from_knnlm_error(exc).code, str(exc)
-        except ShuttingDown as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
-        except Exception:
+                raise DeadlineExceeded(f"the deadline passed after {tokens} generated token(s)")
+        except (RequestError, KnnlmError) as exc:  # expected failures: the code from errors.ERROR_TABLE
+            code, message = status_of(exc)
+        except Exception:  # a bug, never control flow
             log.exception("Generate failed")
             code, message = grpc.StatusCode.INTERNAL, "internal error in Generate; see the server log"
         finally:

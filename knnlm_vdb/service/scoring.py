@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from knnlm_vdb.encoder import Encoder, sliding_windows
+from knnlm_vdb.errors import BackendUnavailable, KnnlmError
 from knnlm_vdb.knn import perplexity
 from knnlm_vdb.mixing import Found, Mixer
 
 log = logging.getLogger(__name__)
 
-class DatastoreUnavailable(Exception):
+class DatastoreUnavailable(BackendUnavailable):
     """A datastore failed while serving a request (network, server or disk), not the request itself."""
 
     def __init__(self, domains, cause: BaseException):
@@ -192,8 +193,9 @@ class Scorer:
                 except Exception as exc:  # the store's failure, not the request's: report it, keep serving
                     names = [d for i, _ in members for d in jobs[i].domains]
                     log.warning("search in %s failed: %s", ", ".join(dict.fromkeys(names)), exc)
-                    for i, _ in members:
-                        errors[i] = DatastoreUnavailable(jobs[i].domains, exc)
+                    for i, _ in members:  # a typed library error keeps its own code (errors.ERROR_TABLE)
+                        typed = isinstance(exc, KnnlmError) and not isinstance(exc, BackendUnavailable)
+                        errors[i] = exc if typed else DatastoreUnavailable(jobs[i].domains, exc)
                     continue
             for j, (i, g) in enumerate(members):
                 found[i][g] = Found.place(masks[i][g], k, dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]])

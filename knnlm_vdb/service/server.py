@@ -12,6 +12,9 @@ a client can act on, and none takes the server down:
   a datastore failing (network, server, disk)      UNAVAILABLE
   shutting down                                    UNAVAILABLE
   anything else (a bug)                            INTERNAL, logged with its traceback
+
+The library's typed errors take their code from ``errors.ERROR_TABLE`` (``status.status_of``),
+the same table that gives the CLI its exit codes.
 """
 from __future__ import annotations
 
@@ -33,12 +36,14 @@ from knnlm_vdb.encoder import Encoder
 from knnlm_vdb.ingest import ingest
 from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
-from knnlm_vdb.service.batcher import Batcher, DeadlineExceeded, ShuttingDown
+from knnlm_vdb.errors import Incompatible, KnnlmError, NotFound
+from knnlm_vdb.service.batcher import Batcher
 from knnlm_vdb.service.generation import GenerateRpc
+from knnlm_vdb.service.limits import Limits
 from knnlm_vdb.service.metrics import Metrics, backend_of
 from knnlm_vdb.service.scoring import DatastoreUnavailable, Job, Scorer
-from knnlm_vdb.service.wire import MalformedRequest, add_servicer
-from knnlm_vdb.service.status import RequestError, invalid
+from knnlm_vdb.service.wire import add_servicer
+from knnlm_vdb.service.status import DeadlineExceeded, RequestError, invalid, status_of
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +51,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Knnlm"].full_name  # knnlm.v1.Knn
 DEFAULT_TOP_N = 10
 MAX_DOC_ID_BYTES = 1024  # what every backend can store (Milvus: VARCHAR(1024))
 
-
-@dataclass
-class Limits:
-    """What one request may ask for; each is a ``serve`` flag of the same name."""
-
-    max_text_tokens: int = 8192  # Score text, NextToken context, one appended document
-    max_k: int = 4096
-    max_top_n: int = 1000
-    max_request_bytes: int = 4 << 20  # gRPC refuses larger messages with RESOURCE_EXHAUSTED
-    max_response_bytes: int = 64 << 20
-    max_concurrent: int = 16  # Knnlm RPCs in progress; more get RESOURCE_EXHAUSTED
-    max_new_tokens: int = 512  # Generate: tokens one request may ask for
-    request_timeout_s: float = 60.0  # a request's deadline when it sets none, and the cap on longer ones
+__all__ = ["Domain", "KnnlmServer", "KnnlmService", "Limits", "Listen", "SERVICE_NAME"]
 
 
 @dataclass
@@ -98,18 +91,11 @@ def _rpc(method):
         code = grpc.StatusCode.OK
         try:
             return method(self, request, context)
-        except RequestError as exc:
-            code, message = exc.code, exc.message
-        except DatastoreUnavailable as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
-            self._datastore_error(exc, method.__name__)
-        except DeadlineExceeded as exc:
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-        except ShuttingDown as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
-        except MalformedRequest as exc:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except Exception:
+        except (RequestError, KnnlmError) as exc:  # expected failures: the code from errors.ERROR_TABLE
+            code, message = status_of(exc)
+            if isinstance(exc, DatastoreUnavailable):
+                self._datastore_error(exc, method.__name__)
+        except Exception:  # a bug, never control flow
             log.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
         finally:
@@ -145,8 +131,7 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
         names = list(dict.fromkeys(names)) or list(self.domains)  # none: every served domain
         unknown = [n for n in names if n not in self.domains]
         if unknown:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown domain {unknown[0]!r}; this server serves: "
-                                                          f"{', '.join(self.domains)}")
+            raise NotFound(f"unknown domain {unknown[0]!r}; this server serves: {', '.join(self.domains)}")
         return [self.domains[n] for n in names]
 
     def _settings(self, s: pb.KnnSettings, domains: list[Domain]) -> tuple[int, float, float | None, tuple | None]:
@@ -160,8 +145,7 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
             if fixed:
                 raise _invalid("adaptive λ uses the calibration's k and T: leave k, temperature and lmbda unset")
             if missing:
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"domain {missing[0]!r} has no adaptive-λ calibration; run `knnlm-vdb tune` on it")
+                raise Incompatible(f"domain {missing[0]!r} has no adaptive-λ calibration; run `knnlm-vdb tune` on it")
             return first.calibration.k, first.calibration.temperature, None, calibrations
         if not fixed and not missing and not s.HasField("adaptive"):
             return first.calibration.k, first.calibration.temperature, None, calibrations
@@ -274,7 +258,9 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
                 with self.batcher.lock:  # the encoder and the store, shared with the scoring worker
                     r = ingest(self.encoder, domain.store, [Document(doc.id, doc.text)],
                                domain=domain.ingest_domain, show_progress=False, replace=replace)
-            except Exception as exc:
+            except KnnlmError:
+                raise  # typed: its own code
+            except Exception as exc:  # the backend's own exception types: the store failed, not the request
                 raise DatastoreUnavailable([domain.name], exc) from exc
             report["documents"] += 1
             for key in ("tokens", "added", "skipped", "changed", "replaced"):

@@ -14,6 +14,7 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
+from knnlm_vdb.errors import InvalidInput
 from knnlm_vdb.service import knnlm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ LOG_EVERY_S = 10.0
 SERVICE = pb.DESCRIPTOR.services_by_name["Knnlm"]
 
 
-class MalformedRequest(Exception):
+class MalformedRequest(InvalidInput):
     """A request message whose bytes are not a valid protobuf of the method's input type."""
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from knnlm_vdb.errors import InvalidInput
+from knnlm_vdb.settings import CONSISTENCY_LEVELS
 
 MAX_TOPK = 16384  # Milvus rejects limit > 16384
 MAX_NQ = 16384  # and more than 16384 query vectors per search
@@ -18,7 +19,6 @@ MAX_NQ = 16384  # and more than 16384 query vectors per search
 # a 2.3 server only Trie for VARCHAR (INVERTED arrived in 2.4, which still builds Trie).
 DOC_ID_INDEX_TYPES = {"lite": ("INVERTED",), "server": ("Trie", "INVERTED")}
 
-CONSISTENCY_LEVELS = ("Strong", "Bounded", "Session", "Eventually")
 LITE_INDEXES = ("FLAT", "IVF_FLAT", "HNSW")
 CPU_INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW")
 GPU_INDEXES = ("GPU_CAGRA", "GPU_IVF_FLAT", "GPU_IVF_PQ", "GPU_BRUTE_FORCE")

@@ -22,12 +22,13 @@ from knnlm_vdb.datastore.milvus.catalog import count_rows, iterate_rows, no_such
 from knnlm_vdb.datastore.milvus.connection import (connect, deployment_of, ensure_loaded, index_done, rpc,
                                                    supports_aliases, wait_for_index)
 from knnlm_vdb.datastore.milvus.create import create_collection
-from knnlm_vdb.datastore.milvus.index import CONSISTENCY_LEVELS, validate_index
+from knnlm_vdb.datastore.milvus.index import validate_index
 from knnlm_vdb.datastore.milvus.naming import (META_PROPERTY, RETIRED_PROPERTY, ROW_FIELDS, alias_name, check_domain,
                                                collection_name, generation_pattern, row_bytes)
 from knnlm_vdb.datastore.milvus.store import ID_CHECK_BATCH, INSERT_BATCH_BYTES
 from knnlm_vdb.datastore.milvus.versions import check_schema_version
 from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.settings import CONSISTENCY_LEVELS
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import json
 import pkgutil
 import re
 
-from knnlm_vdb.datastore.milvus.connection import quiet_pymilvus, redact_uri
+from knnlm_vdb.datastore.milvus.connection import (check_lite_location, connect, deployment_of, is_lite_database,
+                                                   quiet_pymilvus, redact_uri, rpc)
 from knnlm_vdb.datastore.milvus.naming import SCHEMA_COLLECTION, SCHEMA_PROPERTY
 from knnlm_vdb.errors import Incompatible
 
@@ -89,3 +90,19 @@ def write_schema_state(client, state: dict) -> None:
     """Store the schema record (the runner's last step; tests use it to fake other versions)."""
     create_schema_collection(client)
     client.alter_collection_properties(SCHEMA_COLLECTION, properties={SCHEMA_PROPERTY: json.dumps(state)})
+
+
+def preflight(uri: str, token: str | None = None, timeout: float | None = None) -> int:
+    """Refuse a database newer than this code before anything expensive (loading a model) happens.
+
+    Returns the recorded version (0: none, or no Lite file yet).
+    """
+    if deployment_of(uri) == "lite" and not is_lite_database(uri):
+        check_lite_location(uri, create=True)  # a path append cannot create a database at fails now
+        return 0
+    client = connect(uri, token, timeout, None, must_exist=True)
+    try:
+        with rpc("read the schema version", uri):
+            return check_schema_version(client, uri)
+    finally:
+        client.close()

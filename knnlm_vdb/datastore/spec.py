@@ -1,0 +1,104 @@
+"""Where a datastore lives and how its index is built, as values (like pymilvus's ``IndexParams``).
+
+``StoreSpec`` names a store on any backend; ``IndexSpec`` holds the index options in one
+vocabulary and ``IndexSpec.from_options`` is the only place that translates the CLI's options
+(``--index``, ``--nlist``, ``--nprobe``, ...) into a backend's own names. The factory in
+``datastore/__init__.py`` takes these, so callers never branch on the backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from knnlm_vdb.errors import InvalidInput
+
+BACKENDS = ("faiss", "milvus")
+
+# CLI-style name -> Milvus index build / search parameter name
+_MILVUS_BUILD = {"nlist": "nlist", "M": "M", "ef_construction": "efConstruction"}
+_MILVUS_SEARCH = {"ef": "ef"}
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise InvalidInput(f"unknown --backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """A datastore's address: a FAISS directory (``location``), or a Milvus ``domain`` at the URI
+    ``location``. ``domain`` is also the id domain of a new FAISS store's entries."""
+
+    backend: str
+    location: str
+    domain: str = "default"
+    consistency: str | None = None  # Milvus read consistency; None: the stored one
+    token: str | None = field(default=None, repr=False)  # Milvus credentials; never printed
+
+    def __post_init__(self):
+        check_backend(self.backend)
+
+    @property
+    def name(self) -> str:
+        """What a message calls this store: its directory (FAISS) or its domain (Milvus)."""
+        return self.location if self.backend == "faiss" else self.domain
+
+    def connection(self) -> dict:
+        """The backend's open options (Milvus: token and consistency; FAISS: none)."""
+        if self.backend == "faiss":
+            return {}
+        o = {"token": self.token}
+        if self.consistency:
+            o["consistency"] = self.consistency
+        return o
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A new store's index, already in the backend's spelling (see ``from_options``)."""
+
+    backend: str
+    type: str
+    nlist: int | None = None
+    pq_m: int | None = None  # FAISS IVFPQ sub-quantizers
+    nprobe: int | None = None
+    recompute: bool = False  # FAISS IVFPQ: re-score candidates with exact keys
+    key_dtype: str = "float16"  # FAISS key storage
+    M: int | None = None  # HNSW graph degree (Milvus)
+    ef_construction: int | None = None  # HNSW build beam (Milvus)
+    ef: int | None = None  # HNSW search beam (Milvus)
+    params: Mapping = field(default_factory=lambda: MappingProxyType({}))  # extra build parameters
+    search: Mapping = field(default_factory=lambda: MappingProxyType({}))  # extra search parameters
+
+    @classmethod
+    def from_options(cls, backend: str, index: str, nlist: int | None = None, pq_m: int | None = None,
+                     nprobe: int | None = None, recompute: bool = False, key_dtype: str = "float16",
+                     M: int | None = None, ef_construction: int | None = None, ef: int | None = None,
+                     params: Mapping | None = None, search: Mapping | None = None) -> "IndexSpec":
+        """CLI-style options -> the spec: FAISS index names are lower case (flat, ivfpq), Milvus ones
+        upper case (FLAT, IVF_FLAT, HNSW); nprobe only means something to a Milvus IVF index."""
+        check_backend(backend)
+        if backend == "faiss":
+            return cls(backend, index.lower(), nlist=nlist, pq_m=pq_m, nprobe=nprobe, recompute=recompute,
+                       key_dtype=key_dtype, params=MappingProxyType(dict(params or {})),
+                       search=MappingProxyType(dict(search or {})))
+        itype = index.upper()
+        return cls(backend, itype, nlist=nlist, nprobe=nprobe if "IVF" in itype else None, key_dtype=key_dtype,
+                   M=M, ef_construction=ef_construction, ef=ef, params=MappingProxyType(dict(params or {})),
+                   search=MappingProxyType(dict(search or {})))
+
+    def options(self) -> dict:
+        """The keyword arguments the backend's ``create`` takes."""
+        if self.backend == "faiss":
+            o = {"index": self.type, "nlist": self.nlist, "pq_m": self.pq_m, "recompute": self.recompute,
+                 "key_dtype": self.key_dtype}
+            if self.nprobe is not None:
+                o["nprobe"] = self.nprobe
+            return o
+        build = {m: getattr(self, f) for f, m in _MILVUS_BUILD.items() if getattr(self, f)}
+        search = {m: getattr(self, f) for f, m in _MILVUS_SEARCH.items() if getattr(self, f)}
+        if self.nprobe is not None:
+            search["nprobe"] = self.nprobe
+        return {"index_type": self.type, "index_params": {**build, **self.params},
+                "search_params": {**search, **self.search}}
