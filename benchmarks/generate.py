@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, write_results
+from milvus_vs_faiss import load_rows
 
 from knnlm_vdb.api import KnnLM
+from knnlm_vdb.datastore import open_store
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
 from knnlm_vdb.encoder import Encoder
 from knnlm_vdb.lm import load_lm
@@ -180,41 +182,46 @@ def main() -> None:
     test_ids = enc.tokenize(corpus_file("pydocs", "test").read_text())
     payload = {"args": vars(args), "entries": {"pydocs": pydocs.count(), "debref": debref.count()},
                "tuned": {"pydocs": pydocs.info.extra["tuned"], "debref": debref.info.extra["tuned"]}}
-    tables = []
+    tables = {}
+
+    def save():  # after each part: a later failure keeps what was measured
+        payload["seconds"] = time.perf_counter() - t0
+        write_results(args.name, payload, "\n\n".join(tables[p] for p in ("quality", "speed") if p in tables))
+
+    if not args.skip_speed:
+        rows = run_speed(args, enc, pydocs, test_ids, systems)
+        payload["speed"] = rows
+        tables["speed"] = (
+            f"**Decode speed** (greedy, {args.speed_prompts} prompts of {args.speed_context} tokens, "
+            f"{args.speed_tokens} new tokens each; pydocs datastore, {pydocs.count():,} entries): "
+            "kNN-LM tokens/s against the base model's `generate` in the same run.\n\n" + markdown_table(rows, [
+                ("system", "system", ""), ("lambda", "λ", ""), ("k", "k", ""), ("batch", "batch", ""),
+                ("base_tokens_per_s", "base tokens/s", ".1f"), ("knn_tokens_per_s", "kNN-LM tokens/s", ".1f"),
+                ("ratio", "× base", ".2f"), ("searched", "searched", ".0%")]))
+        save()
     if not args.skip_quality:
         pairs = prompts_of(test_ids, args.prompts, args.context, args.new_tokens)
         rows = quality(enc, {"pydocs": pydocs, "debref": debref}, pairs, args.new_tokens, args.batch_size)
         payload["quality"] = rows
-        tables.append(f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs test, "
-                      f"greedy {args.new_tokens} new tokens vs the true continuation; datastores pydocs "
-                      f"({pydocs.count():,} entries, in domain) and debref ({debref.count():,}, foreign), exact "
-                      "FAISS search, tuned k/T/λ and calibrations.\n\n" + markdown_table(rows, [
-                          ("system", "system", ""), ("token_accuracy", "token accuracy", ".4f"),
-                          ("delta_vs_base_pct", "Δ vs base %", "+.2f"), ("matched_prefix", "matched prefix", ".2f"),
-                          ("searched", "searched", ".0%"), ("decode_seconds", "decode s", ".0f")]))
-    if not args.skip_speed:
-        rows = run_speed(args, enc, pydocs, test_ids, systems)
-        payload["speed"] = rows
-        tables.append(f"**Decode speed** (greedy, {args.speed_prompts} prompts of {args.speed_context} tokens, "
-                      f"{args.speed_tokens} new tokens each; pydocs datastore, {pydocs.count():,} entries): "
-                      "kNN-LM tokens/s against the base model's `generate` in the same run.\n\n" + markdown_table(rows, [
-                          ("system", "system", ""), ("lambda", "λ", ""), ("k", "k", ""), ("batch", "batch", ""),
-                          ("base_tokens_per_s", "base tokens/s", ".1f"), ("knn_tokens_per_s", "kNN-LM tokens/s", ".1f"),
-                          ("ratio", "× base", ".2f"), ("searched", "searched", ".0%")]))
-    payload["seconds"] = time.perf_counter() - t0
-    write_results(args.name, payload, "\n\n".join(tables))
+        tables["quality"] = (
+            f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs test, "
+            f"greedy {args.new_tokens} new tokens vs the true continuation; datastores pydocs "
+            f"({pydocs.count():,} entries, in domain) and debref ({debref.count():,}, foreign), exact "
+            "FAISS search, tuned k/T/λ and calibrations.\n\n" + markdown_table(rows, [
+                ("system", "system", ""), ("token_accuracy", "token accuracy", ".4f"),
+                ("delta_vs_base_pct", "Δ vs base %", "+.2f"), ("matched_prefix", "matched prefix", ".2f"),
+                ("searched", "searched", ".0%"), ("decode_seconds", "decode s", ".0f")]))
+        save()
 
 
 def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
-    from milvus_vs_faiss import load_rows
-
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     prompts = [p for p, _ in prompts_of(test_ids, args.speed_prompts, args.speed_context, args.speed_tokens)]
     tuned = pydocs.info.extra["tuned"]
     ks = [int(tuned["k"]) if x == "tuned" else int(x) for x in args.speed_ks.split(",")]
     k = max(ks)
-    stores, server = {}, None
+    stores, uris, server = {}, {}, None
     try:
         for system in systems:
             if system == "faiss-ivfpq":
@@ -240,12 +247,21 @@ def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
                            "search_params": {"ef": max(64, k)},
                            "consistency": "Strong" if where == "lite" else "Bounded"}
                 stores[system], _ = load_rows(pydocs, uri, "pydocs", options, batch=4096)
+                uris[system] = (uri, options["consistency"])
         rows = []
+        cal_k = int(pydocs.info.extra["calibration"]["k"])
         for system, store in stores.items():
-            lm = KnnLM(enc, [store])
             for batch in (1, 8):
                 for lam, k_run in [(tuned["lambda"], k_) for k_ in ks] + [("auto", None)]:
+                    lm, handle = KnnLM(enc, [store]), None
+                    if system in uris:  # HNSW's ef follows this run's k: a larger ef costs search time
+                        uri, consistency = uris[system]
+                        handle = open_store("milvus", uri, domain="pydocs", consistency=consistency,
+                                            search_params={"ef": max(64, k_run or cal_k)})
+                        lm = KnnLM(enc, [handle])
                     r = speed(lm, prompts, args.speed_tokens, batch, lam, k_run)
+                    if handle is not None:
+                        handle.close()
                     rows.append({"system": {"faiss-ivfpq": "FAISS IVFPQ", "lite-hnsw": "Milvus Lite HNSW",
                                             "server-hnsw": "Milvus server HNSW"}[system],
                                  "lambda": lam, "k": pydocs.info.extra["calibration"]["k"] if lam == "auto" else k_run,
