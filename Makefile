@@ -57,7 +57,9 @@ bench-generate: $(VENV)/.dev
 		$(GEN_KNN) tune --datastore cache/gen-$$d-flat --valid $(CORPORA)/$$c/valid.txt --max-tokens 10000 \
 		--json > cache/gen-$$c-tune.json; done
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
-		--prompts 200 --context 512 --new-tokens 32
+		--skip-quality
+	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
+		--skip-speed --prompts 96 --context 512 --new-tokens 32 --name generate-quality
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache benchmarks/cache
