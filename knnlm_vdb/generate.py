@@ -47,6 +47,16 @@ def _processor_base():
     return LogitsProcessor
 
 
+def gate_features(logprobs):
+    """(entropy, top log-probability) of each row, as numpy. A token another processor ruled out
+    (-inf, e.g. EOS under ``min_new_tokens``) adds nothing to the entropy: 0 · log 0 = 0, not NaN —
+    a NaN here would make the pre-search gate skip every search."""
+    import torch
+
+    terms = torch.where(torch.isfinite(logprobs), logprobs.exp() * logprobs, torch.zeros_like(logprobs))
+    return (-terms.sum(-1)).cpu().numpy(), logprobs.max(-1).values.cpu().numpy()
+
+
 class KnnLogitsProcessor(_processor_base()):
     """A ``transformers`` logits processor that turns any causal LM's ``generate`` into kNN-LM decoding.
 
@@ -85,8 +95,7 @@ class KnnLogitsProcessor(_processor_base()):
         lm = torch.log_softmax(scores.float(), dim=-1)
         if self.calls == 1 and self.mixer.adaptive and self.scales is None:
             self.scales = self.read_prompt(input_ids, keys, hidden)
-        entropy = (-(lm.exp() * lm).sum(-1)).cpu().numpy()
-        max_lp = lm.max(-1).values.cpu().numpy()
+        entropy, max_lp = gate_features(lm)
         queries = keys[:, -1].float().cpu().numpy()
         masks = self.mixer.search_masks(entropy, max_lp)
         found = self.mixer.retrieve(queries, masks)

@@ -221,3 +221,16 @@ def test_score_reports_neighbours_with_their_documents(tmp_path, llama_lm):
         assert hits[0]["doc_id"] == "mem" and hits[0]["position"] == pos and hits[0]["distance"] < 1e-3
         assert hits[0]["target"] == r.token_ids[pos]
     assert r.knnlm_ppl < r.base_ppl
+
+
+def test_gate_features_ignore_tokens_other_processors_ruled_out():
+    """EOS banned by min_new_tokens (-inf) must not turn the entropy into NaN (which skipped every search)."""
+    from knnlm_vdb.generate import gate_features
+
+    lp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.5, -1.0]]), -1)
+    banned = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.5, float("-inf")]]), -1)
+    entropy, top = gate_features(banned)
+    want = -(banned[0, :3].exp() * banned[0, :3]).sum()
+    assert np.isfinite(entropy).all() and entropy[0] == pytest.approx(float(want), abs=1e-6)
+    assert top[0] == pytest.approx(float(banned.max()))
+    assert gate_features(lp)[0][0] == pytest.approx(float(-(lp.exp() * lp).sum()), abs=1e-6)
