@@ -185,7 +185,7 @@ class KnnLM:
             res = evaluate(self.encoder, [ids], self.stores, settings=settings, show_progress=False, keep_tokens=True,
                            **({} if settings else {"k": 1, "lmbda": 0.0}))
         t = res.per_token
-        n = _neighbour_count(neighbours)
+        n = neighbour_count(neighbours)
         return ScoreResult(
             token_ids=ids, tokens=[self.tokenizer.decode([i]) for i in ids], base_logprobs=t["lm"],
             knn_logprobs=t.get("knn"), logprobs=t.get("mixed", t["lm"]), lambdas=t.get("lambdas"),
@@ -197,7 +197,7 @@ class KnnLM:
         """A ``transformers`` logits processor for one ``model.generate`` call on ``self.model``."""
         from knnlm_vdb.generate import KnnLogitsProcessor
 
-        n = _neighbour_count(neighbours)
+        n = neighbour_count(neighbours)
         mixer = self.mixer(settings, **knn) if self.stores else Mixer([], 1, 1.0, 0.0)
         return KnnLogitsProcessor(self.encoder, mixer, prompt_lengths=prompt_lengths, neighbours=n,
                                   provenance=self.provenance(n) if n else None)
@@ -321,7 +321,7 @@ class KnnLM:
         return look
 
 
-def _neighbour_count(neighbours: bool | int) -> int:
+def neighbour_count(neighbours: bool | int) -> int:
     if neighbours is True:
         return DEFAULT_NEIGHBOURS
     if neighbours is False or neighbours is None:

@@ -7,7 +7,6 @@ and stops decoding as soon as its client cancels — the lock is then free for t
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import grpc
@@ -31,14 +30,13 @@ class GenerateRpc:
         if n > self.limits.max_new_tokens:
             raise invalid(f"max_new_tokens must be at most {self.limits.max_new_tokens} (the server's "
                           f"--max-new-tokens), got {n}")
+        from knnlm_vdb.api import check_sampling, neighbour_count
+
         temperature = r.temperature if r.HasField("temperature") else 1.0
         top_p = r.top_p if r.HasField("top_p") else 1.0
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise invalid(f"temperature must be positive, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise invalid(f"top_p must be in (0, 1], got {top_p}")
-        if r.neighbours > 64:
-            raise invalid(f"neighbours must be at most 64, got {r.neighbours}")
+        # the library's own checks (InvalidInput -> INVALID_ARGUMENT by errors.ERROR_TABLE)
+        check_sampling(n, temperature, r.top_k, top_p, 1, r.do_sample)
+        neighbour_count(r.neighbours)
         return dict(max_new_tokens=n, do_sample=r.do_sample, temperature_lm=temperature, top_k=r.top_k, top_p=top_p,
                     seed=r.seed if r.HasField("seed") else None, stop=list(r.stop), neighbours=r.neighbours)
 
