@@ -83,10 +83,11 @@ class Generation:
 class KnnLM:
     """A causal LM, its datastores, and the settings that mix them (see the module doc)."""
 
-    def __init__(self, encoder, stores, k=None, temperature=None, lmbda=None, skip_below=None):
+    def __init__(self, encoder, stores, k=None, temperature=None, lmbda=None, skip_below=None, cache=None):
         self.encoder = encoder
         self.stores = list(stores)
-        self._defaults = {"k": k, "temperature": temperature, "lmbda": lmbda, "skip_below": skip_below}
+        self._defaults = {"k": k, "temperature": temperature, "lmbda": lmbda, "skip_below": skip_below,
+                          "cache": cache}
         self._lock = threading.Lock()  # one forward at a time: the KeyTap holds one pass's states
         if self.stores:
             self.settings()  # refuse bad or impossible settings now, not at the first call
@@ -98,7 +99,7 @@ class KnnLM:
              batch_size: int = DEFAULTS["batch_size"], device: str = "auto", dtype: str = "auto",
              consistency: str = DEFAULTS["consistency"], token: str | None = None,
              k: int | None = None, temperature: float | None = None, lmbda=None,
-             skip_below: float | None = None) -> "KnnLM":
+             skip_below: float | None = None, cache: bool | None = None) -> "KnnLM":
         """Load ``model`` and open its datastores: FAISS directories (``datastore``, one or a list) or
         Milvus domains (``domains`` at ``uri``; Milvus Lite file by default). No datastore: the base LM."""
         from knnlm_vdb.encoder import Encoder
@@ -110,7 +111,7 @@ class KnnLM:
             encoder = Encoder(load_lm(model, device=device, dtype=dtype), key_type=key_type, ctx=ctx,
                               stride=stride, batch_size=batch_size)
             check_stores(stores, encoder)
-            return cls(encoder, stores, k=k, temperature=temperature, lmbda=lmbda, skip_below=skip_below)
+            return cls(encoder, stores, k=k, temperature=temperature, lmbda=lmbda, skip_below=skip_below, cache=cache)
         except BaseException:
             for s in stores:
                 s.close()
@@ -136,16 +137,19 @@ class KnnLM:
         self.close()
 
     # ---- settings ---------------------------------------------------------------------------------
-    def settings(self, k=None, temperature=None, lmbda=None, skip_below=None):
-        """The resolved ``knn_settings.Fixed | Adaptive`` for these overrides of ``open``'s settings."""
+    def settings(self, k=None, temperature=None, lmbda=None, skip_below=None, cache=None):
+        """The resolved ``knn_settings.Fixed | Adaptive`` for these overrides of ``open``'s settings.
+        ``cache``: mix in the in-document cache (None: wherever ``tune`` calibrated it, adaptive λ only)."""
         d = self._defaults
         overrides = k is not None or temperature is not None or lmbda is not None
-        if overrides and skip_below is None and lmbda != "auto":
-            d = {**d, "skip_below": None}  # a fixed override drops an adaptive default's knob
+        if overrides and lmbda != "auto":
+            # a fixed override drops an adaptive default's knobs
+            d = {**d, "skip_below": None, "cache": None if d["cache"] is None else False}
         return resolve(self.stores, k if k is not None else d["k"],
                        temperature if temperature is not None else d["temperature"],
                        lmbda if lmbda is not None else d["lmbda"],
-                       skip_below if skip_below is not None else d["skip_below"])
+                       skip_below if skip_below is not None else d["skip_below"],
+                       cache if cache is not None else d["cache"])
 
     def mixer(self, settings=None, **knn) -> Mixer:
         """The search plan for ``settings`` (a resolved ``Fixed | Adaptive``), else for these overrides."""

@@ -193,7 +193,7 @@ def append(model, key_type, ctx, stride, batch_size, device, dtype, corpus, data
 @click.option("--max-tokens", type=int, default=None, help="score at most this many corpus tokens")
 @click.option("--json", "as_json", is_flag=True, help="print results as JSON")
 def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
-             k, temperature, lmbda, skip_below, corpus, max_tokens, as_json):
+             k, temperature, lmbda, skip_below, cache, corpus, max_tokens, as_json):
     """Perplexity of the base LM and the kNN-LM over the same tokens."""
     from knnlm_vdb.api import KnnLM
     from knnlm_vdb.corpus import read_corpora
@@ -208,9 +208,10 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
     read_corpora(corpus)  # bad input fails before the model loads (a missing store failed in location_options)
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     with KnnLM(encoder, open_stores(backend, locations, uri, consistency, encoder), k=k, temperature=temperature,
-               lmbda=lmbda, skip_below=skip_below) as lm:
+               lmbda=lmbda, skip_below=skip_below, cache=cache) as lm:
         settings = lm.settings()
         k, temperature, lmbda = settings.k, settings.temperature, settings.lmbda
+        cached = ", with the in-document cache" if settings.adaptive and settings.cache is not None else ""
         result = lm.evaluate(read_token_sequences(encoder, corpus, max_tokens), show_progress=not as_json).to_dict()
     result["datastores"] = locations
     result["backend"] = backend
@@ -218,7 +219,7 @@ def eval_cmd(model, key_type, ctx, stride, batch_size, device, dtype, datastores
         f"tokens          {result['tokens']:,}",
         f"base LM         perplexity {result['base_ppl']:.3f}   {result['base_tokens_per_s']:.0f} tokens/s",
         f"kNN-LM          perplexity {result['knnlm_ppl']:.3f}   {result['knnlm_tokens_per_s']:.0f} tokens/s "
-        f"(k={k}, T={temperature}, λ={lmbda}; retrieval {result['retrieval_seconds']:.1f}s, "
+        f"(k={k}, T={temperature}, λ={lmbda}{cached}; retrieval {result['retrieval_seconds']:.1f}s, "
         f"{100 * result['searched_fraction']:.0f}% of tokens searched)",
     ])
 
@@ -252,9 +253,11 @@ def tune(model, key_type, ctx, stride, batch_size, device, dtype, datastores, ba
         auto = payload["auto"]
         lines.append(f"adaptive λ (--lambda auto): kNN-LM {auto['valid_auto_ppl']:.3f}, "
                      f"search skipped for {100 * auto['valid_skipped']:.0f}% of tokens")
+        c = payload["cache"]
+        lines.append(f"in-document cache alone (k={c['k']} T={c['temperature']}): adaptive {c['valid_auto_ppl']:.3f}")
     lines.append("stored with the datastore; eval and serve use " + ("--lambda auto" if adaptive else "these")
                  + " by default")
-    emit({k: v for k, v in payload.items() if k not in ("calibration", "grid")}, as_json, lines)
+    emit({k: v for k, v in payload.items() if k not in ("calibration", "cache_calibration", "grid")}, as_json, lines)
 
 
 @main.command()

@@ -177,11 +177,12 @@ def make_encoder(model, key_type, ctx, stride, batch_size, device, dtype):
                    batch_size=batch_size)
 
 
-def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None):
-    """-> (k, T, λ, calibrations) by ``knn_settings.resolve`` (see there for the order)."""
+def resolve_knn_settings(stores, k, temperature, lmbda, skip_below=None, cache=None):
+    """-> (k, T, λ, calibrations) by ``knn_settings.resolve`` (see there for the order); ``cache`` is
+    checked against them (``knn_settings.cache_calibration`` gives its calibration)."""
     from knnlm_vdb.knn_settings import resolve
 
-    s = resolve(stores, k, temperature, lmbda, skip_below)
+    s = resolve(stores, k, temperature, lmbda, skip_below, cache)
     return s.k, s.temperature, s.lmbda, (list(s.calibrations) if s.adaptive else None)
 
 
@@ -206,6 +207,9 @@ def knn_options(f):
         click.option("--skip-below", type=float, default=None, envvar=env_name("skip_below"),
                      help="with --lambda auto: skip the search where the pre-search gate's λ is below this; "
                           "higher is faster and less accurate, 0 searches everywhere [default: tuned]"),
+        click.option("--cache/--no-cache", default=None, envvar=env_name("cache"),
+                     help="with --lambda auto: also mix in the in-document cache (the keys of the text's "
+                          "earlier positions) [default: on where `tune` calibrated it]"),
     ]):
         f = o(f)
     return f

@@ -55,7 +55,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--server", default=None, help="host:port of a `knnlm-vdb serve` to generate through")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON (no streaming)")
 def generate(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
-             k, temperature, lmbda, skip_below, prompt, prompt_file, max_new_tokens, do_sample, temperature_lm,
+             k, temperature, lmbda, skip_below, cache, prompt, prompt_file, max_new_tokens, do_sample, temperature_lm,
              top_k, top_p, num_beams, seed, stop, neighbours, server, as_json):
     """Continue a prompt with kNN-LM decoding; text streams to stdout as it is produced."""
     from knnlm_vdb.api import KnnLM, check_sampling
@@ -68,11 +68,13 @@ def generate(model, key_type, ctx, stride, batch_size, device, dtype, datastores
                     top_p=top_p, seed=seed, stop=list(stop), neighbours=neighbours)
     knn = dict(k=k, temperature=temperature, lmbda=lmbda)
     if server is not None:
+        if cache is not None:
+            raise InvalidInput("--cache/--no-cache is the server's setting (serve --cache), not a request's")
         return _through_server(server, text, list(domains or []), decoding, knn, skip_below, num_beams, as_json)
     backend, locations = resolve_locations(datastores, backend, uri, domains)
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     stores = open_stores(backend, locations, uri, consistency, encoder)
-    with KnnLM(encoder, stores, skip_below=skip_below, **knn) as lm:
+    with KnnLM(encoder, stores, skip_below=skip_below, cache=cache, **knn) as lm:
         if as_json or num_beams > 1:
             out = lm.generate(text, num_beams=num_beams, **decoding)
             emit(out.to_dict(), as_json, [out.text])

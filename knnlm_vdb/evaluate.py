@@ -15,12 +15,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm_vdb.datastore.base import Datastore
+from knnlm_vdb.doc_cache import DocumentCache
 from knnlm_vdb.encoder import Encoder
 from knnlm_vdb.errors import KnnlmError
 from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
 from knnlm_vdb.mixing import Mixer
 
 log = logging.getLogger(__name__)
+
+CACHE_TUNE_K = 256  # in-document neighbours kept per token for tuning the cache (its k is chosen up to this)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class EvalResult:
     wall_seconds: float
     settings: dict = field(default_factory=dict)
     neighbours: Neighbours | None = None
+    cache_neighbours: Neighbours | None = None  # keep_neighbours: the in-document cache's, for tuning it
     per_token: dict | None = None  # keep_tokens: lm, knn, mixed log-probs, λ, searched, keys (per scored token)
 
     def to_dict(self) -> dict:
@@ -95,28 +99,37 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
     ``temperature`` then come from the calibration.
     """
     stores = stores or []
+    cache_cal = None
     if settings is not None:  # knn_settings.Fixed | Adaptive
         k, temperature, lmbda = settings.k, settings.temperature, settings.lmbda
         calibration = list(settings.calibrations) if settings.adaptive else None
+        cache_cal = settings.cache if settings.adaptive else None
     cals = _calibrations(calibration, stores)
     if cals is not None:
         k, temperature, lmbda = cals[0].k, cals[0].temperature, "auto"
-        mixer = Mixer(stores, calibrations=cals) if stores else None
+        mixer = Mixer(stores, calibrations=cals, cache=cache_cal) if stores else None
     else:
         mixer = Mixer(stores, k, temperature, lmbda)
     if keep_neighbours and mixer is not None and len(mixer.groups) > 1:
         raise KnnlmError("keeping neighbours needs one search group: fixed λ, or a single domain")
     sequences = [token_ids] if token_ids and isinstance(token_ids[0], int) else list(token_ids)
     n_targets = sum(max(0, len(ids) - 1) for ids in sequences)
-    lm_parts, mixed_parts, lam_parts, kept, detail = [], [], [], [], []
+    lm_parts, mixed_parts, lam_parts, kept, detail, kept_cache = [], [], [], [], [], []
     lm_seconds = retrieval_seconds = 0.0
     searched = 0
     trust, trust_doc = None, -1
+    caches = {}  # document -> its DocumentCache (the mixer's, and the one tuning keeps neighbours from)
 
-    def retrieve(block):
+    def retrieve(doc, block):
         t = time.perf_counter()
-        found = mixer.retrieve(block.keys, mixer.search_masks(block.lm_entropy, block.lm_max_logprob))
-        return found, time.perf_counter() - t
+        cache = caches.get(doc)
+        found = mixer.retrieve(block.keys, mixer.search_masks(block.lm_entropy, block.lm_max_logprob),
+                               cache, block.targets if cache is not None else None)
+        tuning = caches.get(("tune", doc))
+        near = tuning.search(block.keys, CACHE_TUNE_K, block.keys, block.targets) if tuning is not None else None
+        if tuning is not None:
+            tuning.add(block.keys, block.targets)
+        return found, near, time.perf_counter() - t
 
     bar = tqdm(total=n_targets, unit="tok", desc="eval", disable=not show_progress, smoothing=0.1)
     wall0 = time.perf_counter()
@@ -129,7 +142,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
             lm_seconds += time.perf_counter() - t0
             if pending is not None:
                 doc, prev, fut = pending
-                found, secs = fut.result()
+                found, near, secs = fut.result()
                 retrieval_seconds += secs
                 searched += int(np.any([f.searched for f in found], axis=0).sum())
                 if doc != trust_doc:
@@ -144,18 +157,26 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
                     f = found[0]
                     kept.append((prev.targets, prev.lm_logprobs, f.distances, f.values, prev.lm_entropy,
                                  prev.lm_max_logprob))
+                    if near is not None:
+                        kept_cache.append((prev.targets, prev.lm_logprobs, *near, prev.lm_entropy,
+                                           prev.lm_max_logprob))
                 pending = None
             if item is None:
                 break
             doc, block = item
             lm_parts.append(block.lm_logprobs)
             if stores:
-                pending = (doc, block, pool.submit(retrieve, block))
+                if doc not in caches:  # a new document: a fresh cache (blocks come in document order)
+                    caches.clear()
+                    caches[doc] = mixer.new_cache()
+                    if keep_neighbours:
+                        caches[("tune", doc)] = DocumentCache()
+                pending = (doc, block, pool.submit(retrieve, doc, block))
     wall = time.perf_counter() - wall0
     bar.close()
     lm_logprobs = np.concatenate(lm_parts) if lm_parts else np.zeros(0, np.float32)
     knnlm_ppl = None
-    neighbours = None
+    neighbours = cache_neighbours = None
     summary = {"k": k, "temperature": temperature, "lambda": lmbda, "ctx": encoder.ctx, "stride": encoder.stride}
     if stores:
         lambdas = np.concatenate(lam_parts)
@@ -164,6 +185,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
         summary["mean_lambda"] = float(lambdas.mean()) if len(lambdas) else None
         if keep_neighbours:
             neighbours = Neighbours(*(np.concatenate(parts) for parts in zip(*kept)))
+            cache_neighbours = Neighbours(*(np.concatenate(parts) for parts in zip(*kept_cache)))
     per_token = None
     if keep_tokens:
         per_token = {"lm": lm_logprobs.astype(np.float64)}
@@ -180,6 +202,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
         wall_seconds=wall,
         settings=summary,
         neighbours=neighbours,
+        cache_neighbours=cache_neighbours,
         per_token=per_token,
     )
 
@@ -228,4 +251,21 @@ def tune_datastore(encoder: Encoder, store: Datastore, sequences, max_k: int = 1
             store.set_extra("calibration", cal.to_dict())
         report["auto"] = {k: v for k, v in fit.items() if k != "skip_curve"}
         report["calibration"] = cal
+        cache_cal, report["cache"] = tune_cache(res.cache_neighbours)
+        if save:
+            store.set_extra("cache_calibration", cache_cal.to_dict())
+        report["cache_calibration"] = cache_cal
     return report
+
+
+def tune_cache(neighbours: Neighbours) -> tuple:
+    """The in-document cache's k and T (grid, as for a datastore) and its adaptive calibration,
+    fitted on the cache's own neighbours of the validation text: -> (Calibration, report).
+    Fitted alone against the LM, like each domain: the mixture then weighs the parts by evidence."""
+    from knnlm_vdb.adaptive import fit_calibration
+
+    grid = tune(neighbours, ks=[k for k in TUNE_KS if k <= CACHE_TUNE_K])
+    best = grid["best"]
+    cal, fit = fit_calibration(neighbours, best["k"], best["temperature"])
+    return cal, {"k": best["k"], "temperature": best["temperature"], "fixed_lambda": best["lambda"],
+                 "valid_fixed_ppl": best["ppl"], **{k: v for k, v in fit.items() if k != "skip_curve"}}

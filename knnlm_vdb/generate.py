@@ -13,7 +13,9 @@ document in ``eval``, so each domain's ``DocumentTrust`` starts from the prompt'
 After that the trust is frozen: a generated token is the model's own choice, and learning from
 its likelihood would let the model confirm itself (a domain that proposed a token would be
 trusted more for having proposed it). Generated steps use the pre-search gate (skipped
-searches are skipped here too), the per-token gate and the prompt's trust.
+searches are skipped here too), the per-token gate and the prompt's trust. The in-document
+cache holds the prompt's positions only, for the same reason: a cache of generated tokens would
+make the model repeat itself with growing confidence.
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ class KnnLogitsProcessor(_processor_base()):
         self.prompt_lengths = prompt_lengths
         self.neighbours, self.provenance = neighbours, provenance
         self.calls = 0
-        self.scales = None  # [rows][groups] trust multiples, from the prompt (adaptive only)
+        self.scales = None  # [rows][parts] trust multiples, from the prompt (adaptive only)
+        self.caches = None  # [rows] each row's in-document cache: its prompt's positions (with a cache calibration)
         self.searches = self.skipped = 0
         self._last = None  # the latest step's distributions, until its tokens are known
 
@@ -98,8 +101,8 @@ class KnnLogitsProcessor(_processor_base()):
         entropy, max_lp = gate_features(lm)
         queries = keys[:, -1].float().cpu().numpy()
         masks = self.mixer.search_masks(entropy, max_lp)
-        found = self.mixer.retrieve(queries, masks)
-        searched = np.any([f.searched for f in found], axis=0)
+        found = self.mixer.retrieve(queries, masks, self.caches)
+        searched = np.any([f.searched for f in found[:len(self.mixer.groups)]], axis=0)
         self.searches += int(searched.sum())
         self.skipped += int((~searched).sum())
         scales = self.scales if self.scales is not None else \
@@ -120,17 +123,20 @@ class KnnLogitsProcessor(_processor_base()):
         n_rows, width = input_ids.shape
         start = width - keys.shape[1] if start is None else start
         lengths = self.prompt_lengths or [width] * n_rows
-        scales = []
+        scales, caches = [], []
         for b in range(n_rows):
-            trust = self.mixer.new_document()
+            trust, cache = self.mixer.new_document(), self.mixer.new_cache()
             lo = max(width - lengths[b], start)  # state positions whose next token is in the prompt
             hi = min(width - 1, start + keys.shape[1])
             if hi > lo:
                 targets = input_ids[b, lo + 1:hi + 1].cpu().numpy()
                 r = self.encoder.rows(keys, hidden, torch.full((hi - lo,), b), torch.arange(lo, hi) - start, targets)
-                found = self.mixer.retrieve(r.keys, self.mixer.search_masks(r.entropy, r.max_logprob))
+                found = self.mixer.retrieve(r.keys, self.mixer.search_masks(r.entropy, r.max_logprob), cache, targets)
                 self.mixer.score(trust, targets, r.target_logprobs, r.entropy, r.max_logprob, found)
             scales.append([t.expected_scale() for t in trust])
+            caches.append(cache)
+        if self.mixer.cache is not None:
+            self.caches = caches
         return scales
 
     def take(self, tokens) -> list[Step]:

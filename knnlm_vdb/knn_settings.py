@@ -34,6 +34,7 @@ class Adaptive:
     """``--lambda auto``: λ per token and per domain from each domain's stored calibration."""
 
     calibrations: tuple[Calibration, ...]
+    cache: Calibration | None = None  # the in-document cache's calibration, when it is mixed in
     adaptive = True
     lmbda = "auto"
 
@@ -47,7 +48,7 @@ class Adaptive:
 
     def to_dict(self) -> dict:
         return {"k": self.k, "temperature": self.temperature, "lambda": "auto", "adaptive": True,
-                "skip_below": [c.skip_below for c in self.calibrations]}
+                "skip_below": [c.skip_below for c in self.calibrations], "cache": self.cache is not None}
 
 
 KnnSettings = Fixed | Adaptive
@@ -67,9 +68,24 @@ def _label(store) -> str:
     return store.location if store is not None else "the datastore"
 
 
+def cache_calibration(stores, cache: bool | None) -> Calibration | None:
+    """The in-document cache's calibration (``tune`` stores one with each datastore; the first one
+    found serves): on by default where there is one, off with ``cache=False``, required with ``True``."""
+    if cache is False:
+        return None
+    for s in stores:
+        if "cache_calibration" in s.info.extra:
+            return Calibration.from_dict(s.info.extra["cache_calibration"])
+    if cache:
+        raise Incompatible("--cache needs the in-document cache's calibration, and no datastore has one: "
+                           "run `knnlm-vdb tune` on validation text first")
+    return None
+
+
 def resolve(stores, k: int | None = None, temperature: float | None = None, lmbda=None,
-            skip_below: float | None = None) -> KnnSettings:
-    """The settings for searching ``stores`` (see the module doc for the order)."""
+            skip_below: float | None = None, cache: bool | None = None) -> KnnSettings:
+    """The settings for searching ``stores`` (see the module doc for the order). ``cache``: mix in
+    the in-document cache (adaptive λ only; None = wherever ``tune`` calibrated it)."""
     lmbda = parse_lambda(lmbda)
     if temperature is not None and not math.isfinite(temperature):
         raise InvalidInput(f"--temperature must be a finite positive number, got {temperature}")
@@ -85,7 +101,9 @@ def resolve(stores, k: int | None = None, temperature: float | None = None, lmbd
                 raise InvalidInput(f"--skip-below must be in [0, 1), got {skip_below}")
             for c in cals:
                 c.skip_below = skip_below
-        return Adaptive(tuple(cals))
+        return Adaptive(tuple(cals), cache_calibration(stores, cache))
+    if cache:
+        raise InvalidInput("--cache is mixed in by adaptive λ: use it with --lambda auto (after `knnlm-vdb tune`)")
     if skip_below is not None:
         raise InvalidInput("--skip-below applies to adaptive λ: use it with --lambda auto (after `knnlm-vdb tune`)")
     tuned = stores[0].info.extra.get("tuned", {}) if stores else {}

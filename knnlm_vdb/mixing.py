@@ -9,7 +9,9 @@ offline and online. Two modes:
   searched only where its pre-search gate expects help, gets its own per-token λ from its own
   retrieval evidence and its own per-document trust (``adaptive.DocumentTrust``), and the
   domains' p_kNN are mixed with the LM by ``adaptive.mix_domains``: a domain whose neighbours
-  do not help this document fades out by itself instead of diluting one that does.
+  do not help this document fades out by itself instead of diluting one that does. The
+  in-document cache (``doc_cache.DocumentCache``), when calibrated, is one more part of that
+  mixture, after the domains, with its own calibration and trust.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from knnlm_vdb.adaptive import LAMBDA_CAP, Calibration, DocumentTrust, mix_domains
 from knnlm_vdb.datastore.base import merge_topk
+from knnlm_vdb.doc_cache import DocumentCache
 from knnlm_vdb.errors import KnnlmError
 from knnlm_vdb.knn import check_params, interpolate, knn_distribution, knn_target_logprobs
 
@@ -42,26 +45,35 @@ class Found:
 
 
 class Mixer:
-    """Search plan and λ for a set of stores. ``groups[g]`` are searched together (merged top-k)."""
+    """Search plan and λ for a set of stores. ``groups[g]`` are searched together (merged top-k).
+
+    The mixture's parts are the groups, then (adaptive, with a ``cache`` calibration) the
+    in-document cache: ``calibrations``, ``ks``, ``temperatures``, masks, ``Found`` lists and
+    trust lists all run over the parts in that order."""
 
     @classmethod
     def for_settings(cls, stores, settings) -> "Mixer":
         """The plan for resolved ``knn_settings`` (``Fixed`` or ``Adaptive``)."""
         if settings.adaptive:
-            return cls(stores, calibrations=list(settings.calibrations))
+            return cls(stores, calibrations=list(settings.calibrations), cache=settings.cache)
         return cls(stores, settings.k, settings.temperature, settings.lmbda)
 
     def __init__(self, stores, k: int | None = None, temperature: float | None = None, lmbda: float | None = None,
-                 calibrations: list[Calibration] | None = None):
+                 calibrations: list[Calibration] | None = None, cache: Calibration | None = None):
         self.stores = list(stores)
         self.calibrations = list(calibrations) if calibrations is not None else None
+        self.cache = cache
+        if cache is not None and self.calibrations is None:
+            raise KnnlmError("the in-document cache is mixed by adaptive λ: it needs calibrations")
         if self.calibrations is not None:
             if len(self.calibrations) != len(self.stores):
                 raise KnnlmError(f"adaptive λ needs one calibration per domain: {len(self.calibrations)} "
                                  f"for {len(self.stores)} domain(s)")
+            self.groups = [[s] for s in self.stores]
+            if cache is not None:
+                self.calibrations.append(cache)
             for c in self.calibrations:
                 check_params(k=c.k, temperature=c.temperature)
-            self.groups = [[s] for s in self.stores]
             self.ks = [c.k for c in self.calibrations]
             self.temperatures = [c.temperature for c in self.calibrations]
             self.lmbda = None
@@ -84,9 +96,35 @@ class Mixer:
         k = self.ks[g]
         return merge_topk([s.search(queries, k) for s in self.groups[g]], k)
 
-    def retrieve(self, keys: np.ndarray, masks: list[np.ndarray]) -> list[Found]:
-        return [Found.place(mask, self.ks[g], *(self.search(g, keys[mask]) if mask.any() else ()))
-                for g, mask in enumerate(masks)]
+    def retrieve(self, keys: np.ndarray, masks: list[np.ndarray], cache=None, targets=None) -> list[Found]:
+        """Each part's neighbours of ``keys`` where its mask says so (see ``search_cache`` for ``cache``)."""
+        found = [Found.place(mask, self.ks[g], *(self.search(g, keys[mask]) if mask.any() else ()))
+                 for g, mask in enumerate(masks[:len(self.groups)])]
+        if self.cache is not None:
+            found.append(self.search_cache(cache, keys, masks[len(self.groups)], targets))
+        return found
+
+    def new_cache(self) -> DocumentCache | None:
+        """An empty in-document cache for a new document (None when this plan has none)."""
+        return DocumentCache() if self.cache is not None else None
+
+    def search_cache(self, cache, keys: np.ndarray, mask: np.ndarray, targets=None) -> Found:
+        """The cache part's neighbours. ``cache``: the document's ``DocumentCache`` — with ``targets``
+        the keys are its next positions, searched causally and then added — or one cache per query
+        row (generation: each row searches its own prompt's positions), or None (nothing found)."""
+        k = self.cache.k
+        if cache is None or not mask.any():
+            found = Found.place(np.zeros(len(keys), bool), k)
+        elif isinstance(cache, (list, tuple)):
+            hits = [cache[i].search(keys[i:i + 1], k) for i in np.flatnonzero(mask)]
+            found = Found.place(mask, k, *(np.concatenate(p) for p in zip(*hits)))
+        elif targets is not None:
+            found = Found.place(mask, k, *cache.search(keys[mask], k, keys, targets, np.flatnonzero(mask)))
+        else:
+            found = Found.place(mask, k, *cache.search(keys[mask], k))
+        if targets is not None and cache is not None and not isinstance(cache, (list, tuple)):
+            cache.add(keys, targets)
+        return found
 
     def new_document(self) -> list[DocumentTrust] | None:
         return [c.new_document() for c in self.calibrations] if self.adaptive else None

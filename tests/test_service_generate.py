@@ -63,7 +63,7 @@ def test_stream_yields_the_same_tokens_as_the_python_api(client, encoder, stores
     assert "".join(r.text for r in got) == want.text == MEMORISED[25:37]
     assert [round(r.prob, 5) for r in got] == [round(s.prob, 5) for s in want.steps]
     assert got[0].settings.lmbda == pytest.approx(0.99) and list(got[0].domains) == [domain]
-    assert all(r.searched and 0 < r.knn_prob <= 1 for r in got)
+    assert all(r.searched and 0 < r.knn_prob <= 1 + 1e-9 for r in got)  # float sum of neighbour weights
 
 
 def test_token_id_prompt_and_stop_sequences(client, encoder):

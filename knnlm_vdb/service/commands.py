@@ -119,7 +119,7 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
 @click.option("--milvus-token-file", type=click.Path(dir_okay=False), envvar=MILVUS_TOKEN_FILE_ENV,
               help=f"Milvus token from a file [default: ${TOKEN_ENV}]")
 def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
-          k, temperature, lmbda, skip_below, host, port, health_port, max_workers, max_batch, batch_wait_ms, max_text_tokens,
+          k, temperature, lmbda, skip_below, cache, host, port, health_port, max_workers, max_batch, batch_wait_ms, max_text_tokens,
           max_new_tokens, max_k, max_request_bytes, max_concurrent, request_timeout, metrics_port, grace, tls_cert,
           tls_key, tls_client_ca, token_file, write_token_file, insecure, allow_read_token_writes, milvus_token_file):
     """Serve Score, NextToken, Generate, Append and ListDomains over gRPC (package knnlm.v1).
@@ -156,6 +156,8 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
         domains = _every_domain(uri, milvus_token)
     backend, locations = resolve_locations(datastores, backend, uri, domains)
 
+    from knnlm_vdb import knn_settings
+
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     stores = open_stores(backend, locations, uri, consistency, encoder, token=milvus_token)
     served = []
@@ -163,19 +165,22 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
         name = Path(loc).name if backend == "faiss" else loc
         if any(d.name == name for d in served):
             raise KnnlmError(f"two datastores would both be served as domain {name!r}; rename one directory")
-        skip = skip_below if "calibration" in store.info.extra else None  # uncalibrated domains: fixed λ
-        dk, dt, dl, calibrations = resolve_knn_settings([store], k, temperature, lmbda, skip)
+        calibrated = "calibration" in store.info.extra  # uncalibrated domains: fixed λ, no cache
+        dk, dt, dl, calibrations = resolve_knn_settings(
+            [store], k, temperature, lmbda, skip_below if calibrated else None, cache if calibrated else None)
         calibration = calibrations[0] if calibrations else None
+        cache_cal = knn_settings.cache_calibration([store], cache) if calibration is not None else None
         if calibration is not None:  # requests that set k, T or λ get the tuned fixed setting
             dk, dt, dl, _ = resolve_knn_settings([store], dk, dt, None)
         if dk > max_k:
             raise KnnlmError(f"domain {name}: its k={dk} exceeds --max-k {max_k}")
         ingest_domain = store.domain
         store.search(np.zeros((1, store.info.dim), np.float32), 1)  # load the index now
-        served.append(Domain(name, store, backend, ingest_domain, dk, dt, dl, calibration))
+        served.append(Domain(name, store, backend, ingest_domain, dk, dt, dl, calibration, cache_cal))
         click.echo(f"domain {name} ({store.count():,} entries): "
                    + (f"adaptive λ (k={calibration.k}, T={calibration.temperature}, "
-                      f"skip_below={calibration.skip_below:g})" if calibration is not None else f"k={dk} T={dt} λ={dl}"))
+                      f"skip_below={calibration.skip_below:g}{', in-document cache' if cache_cal else ''})"
+                      if calibration is not None else f"k={dk} T={dt} λ={dl}"))
     limits = Limits(max_text_tokens=max_text_tokens, max_k=max_k, max_request_bytes=max_request_bytes,
                     max_concurrent=max_concurrent or max_workers, request_timeout_s=request_timeout,
                     max_new_tokens=max_new_tokens)

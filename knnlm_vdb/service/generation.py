@@ -19,6 +19,11 @@ from knnlm_vdb.service.status import DeadlineExceeded, RequestError, invalid, st
 
 log = logging.getLogger(__name__)
 
+
+def cache_of(domains) -> object:
+    """The in-document cache's calibration for a request over ``domains``: the first one served."""
+    return next((d.cache for d in domains if d.cache is not None), None)
+
 DEFAULT_NEW_TOKENS = 64
 
 
@@ -67,7 +72,8 @@ class GenerateRpc:
             ids = self._prompt(request)
             decoding = self._decoding(request)
             k, temperature, lmbda, calibrations = self._settings(request.settings, domains)
-            settings = Adaptive(calibrations) if calibrations is not None else Fixed(k, temperature, lmbda)
+            settings = Adaptive(calibrations, cache_of(domains)) if calibrations is not None \
+                else Fixed(k, temperature, lmbda)
             deadline = time.monotonic() + self._timeout(context)
             if not self.batcher.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise DeadlineExceeded("the deadline passed while waiting for the model")

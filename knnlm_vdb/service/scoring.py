@@ -50,6 +50,7 @@ class Job:
     lmbda: float | None
     top_n: int = 0
     calibrations: tuple | None = None
+    cache: object = None  # the in-document cache's adaptive.Calibration (adaptive only): a Score text reads itself
     # filled by Scorer.run
     base: np.ndarray | None = None  # score: log p_LM [n-1]; next: log p_LM over the vocabulary [V]
     knn: np.ndarray | None = None
@@ -65,7 +66,7 @@ class Job:
     @property
     def mixer(self) -> Mixer:
         if self._mixer is None:
-            self._mixer = Mixer(self.stores, self.k, self.temperature, self.lmbda, self.calibrations)
+            self._mixer = Mixer(self.stores, self.k, self.temperature, self.lmbda, self.calibrations, self.cache)
         return self._mixer
 
     @property
@@ -173,7 +174,8 @@ class Scorer:
                 parts.sort(key=lambda t: order[id(t[0])])
             feats = _cat(job._feats)
             masks.append(job.mixer.search_masks(feats[:, 0], feats[:, 1]))
-            job.searched = np.any(masks[-1], axis=0) if masks[-1] else np.zeros(len(feats), bool)
+            stores_masks = masks[-1][:len(job.mixer.groups)]
+            job.searched = np.any(stores_masks, axis=0) if stores_masks else np.zeros(len(feats), bool)
             found.append([None] * len(masks[-1]))
         # one search per (stores, k) across the batch's jobs
         groups: dict[tuple, list[tuple[int, int]]] = {}
@@ -209,6 +211,11 @@ class Scorer:
     def _finish(job: Job, found: list[Found]) -> None:
         feats = _cat(job._feats)
         trust = job.mixer.new_document()  # a request is one document
+        if job.mixer.cache is not None:  # the cache part: the text's own earlier positions (a Score text only)
+            mask = job.mixer.search_masks(feats[:, 0], feats[:, 1])[-1]
+            targets = np.asarray(job.token_ids[1:], dtype=np.int64) if job.scores_text else None
+            found[-1] = job.mixer.search_cache(job.mixer.new_cache() if job.scores_text else None, _cat(job._keys),
+                                               mask, targets)
         if job.scores_text:
             job.base = _cat(job._base).astype(np.float64)
             targets = np.asarray(job.token_ids[1:], dtype=np.int64)

@@ -38,7 +38,7 @@ from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 from knnlm_vdb.errors import Incompatible, KnnlmError, NotFound
 from knnlm_vdb.service.batcher import Batcher
-from knnlm_vdb.service.generation import GenerateRpc
+from knnlm_vdb.service.generation import GenerateRpc, cache_of
 from knnlm_vdb.service.limits import Limits
 from knnlm_vdb.service.metrics import Metrics, backend_of
 from knnlm_vdb.service.scoring import DatastoreUnavailable, Job, Scorer
@@ -55,6 +55,7 @@ __all__ = ["Domain", "KnnlmServer", "KnnlmService", "Limits", "Listen", "SERVICE
 
 
 @dataclass
+@dataclass
 class Domain:
     """A served domain: its store, the domain name its entry ids use, and its default k/T/λ.
 
@@ -70,6 +71,7 @@ class Domain:
     temperature: float
     lmbda: float
     calibration: object = None
+    cache: object = None  # the in-document cache's calibration, mixed in with adaptive λ (serve --cache)
 
 
 _invalid = invalid
@@ -196,7 +198,8 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
     def _job(self, ids, domains: list[Domain], settings, top_n: int = 0) -> Job:
         k, temperature, lmbda, calibrations = self._settings(settings, domains)
         return Job(token_ids=ids, domains=tuple(d.name for d in domains), stores=tuple(d.store for d in domains),
-                   k=k, temperature=temperature, lmbda=lmbda, top_n=top_n, calibrations=calibrations)
+                   k=k, temperature=temperature, lmbda=lmbda, top_n=top_n, calibrations=calibrations,
+                   cache=cache_of(domains) if calibrations is not None else None)
 
     @staticmethod
     def _used(job: Job) -> pb.KnnSettings:
