@@ -311,18 +311,23 @@ class KnnLM:
     def provenance(self, n: int):
         """A function from query keys ``[q, d]`` to each query's ``n`` nearest entries over all stores:
         dicts of domain, document id, position, distance and the token that followed."""
+        return provenance(self.stores, self.tokenizer, n)
 
-        def look(queries) -> list[list[dict]]:
-            per_store = [s.entries(queries, n) for s in self.stores]
-            out = []
-            for q in range(len(queries)):
-                hits = sorted((h for found in per_store for h in found[q]), key=lambda h: h["distance"])[:n]
-                for h in hits:
-                    h["token"] = self.tokenizer.decode([h["target"]])
-                out.append(hits)
-            return out
 
-        return look
+def provenance(stores, tokenizer, n: int):
+    """``KnnLM.provenance`` for any stores (the service reports a Score request's neighbours with it)."""
+
+    def look(queries) -> list[list[dict]]:
+        per_store = [s.entries(queries, n) for s in stores]
+        out = []
+        for q in range(len(queries)):
+            hits = sorted((h for found in per_store for h in found[q]), key=lambda h: h["distance"])[:n]
+            for h in hits:
+                h["token"] = tokenizer.decode([h["target"]])
+            out.append(hits)
+        return out
+
+    return look
 
 
 def neighbour_count(neighbours: bool | int) -> int:

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from conftest import TINY_TEXT, serve_listening_line
 
 from knnlm_vdb.adaptive import Calibration, fit_calibration
+from knnlm_vdb.api import KnnLM
 from knnlm_vdb.cli import main, resolve_knn_settings
 from knnlm_vdb.corpus import Document
 from knnlm_vdb.datastore import StoreInfo, create_store, entry_ids, open_store
@@ -171,6 +172,19 @@ def test_score_equals_offline_evaluate(client, encoder, stores, domains):
     assert list(r.domains) == domains and r.settings.k == SETTINGS["k"]
 
 
+@pytest.mark.parametrize("domains", [["code"], ["code", "wiki"]])
+def test_score_reports_each_tokens_neighbours_as_the_python_api_does(client, encoder, stores, domains):
+    """A Score request's `neighbours` flag: the nearest entries of every scored token, over all its domains."""
+    r = client.score(QUERY, domains=domains, neighbours=3, k=8, temperature=1.0, lmbda=0.25)
+    want = KnnLM(encoder, [stores[d] for d in domains], k=8, temperature=1.0, lmbda=0.25).score(QUERY, neighbours=3)
+    assert len(r.neighbours) == r.scored_tokens == len(want.neighbours)
+    for got, hits in zip(r.neighbours, want.neighbours):
+        assert [(e.domain, e.doc_id, e.position, e.token_id) for e in got.entries] == \
+            [(h["domain"], h["doc_id"], h["position"], h["target"]) for h in hits]
+        assert [e.distance for e in got.entries] == pytest.approx([h["distance"] for h in hits], rel=1e-4, abs=1e-4)
+    assert not client.score(QUERY, domains=domains).neighbours  # off unless asked for
+
+
 def test_score_defaults_come_from_the_domain(client):
     r = client.score(QUERY[:200], domains=["wiki"])
     assert (r.settings.k, r.settings.temperature, r.settings.lmbda) == (32, 1.0, 0.25)
@@ -255,6 +269,7 @@ def test_next_token_matches_the_offline_mixture(client, encoder, stores):
     (lambda c: c.score("x" * 1001), grpc.StatusCode.INVALID_ARGUMENT, ["1001 tokens", "limit of 1000", "--max-text-tokens"]),
     (lambda c: c.score("x" * 70_000), grpc.StatusCode.INVALID_ARGUMENT, ["limit of 1000"]),
     (lambda c: c.next_token("x", top_n=5000), grpc.StatusCode.INVALID_ARGUMENT, ["top_n", "1000"]),
+    (lambda c: c.score(QUERY, neighbours=65), grpc.StatusCode.INVALID_ARGUMENT, ["neighbours", "64"]),
     (lambda c: c.score(QUERY, domains=["code"], adaptive=True), grpc.StatusCode.FAILED_PRECONDITION,
      ["no adaptive-λ calibration", "knnlm-vdb tune"]),
     (lambda c: c.score(QUERY, domains=["tuned"], adaptive=True, k=8), grpc.StatusCode.INVALID_ARGUMENT,
@@ -265,7 +280,7 @@ def test_next_token_matches_the_offline_mixture(client, encoder, stores):
     (lambda c: c.append("nope", [("d", "text")]), grpc.StatusCode.NOT_FOUND, ["nope"]),
     (lambda c: c.append("notes", []), grpc.StatusCode.INVALID_ARGUMENT, ["no documents"]),
 ], ids=["domain", "domain-next", "empty", "blank", "one-token", "lambda-high", "lambda-low", "k-0", "k-high",
-        "temperature", "too-long", "way-too-long", "top-n", "uncalibrated", "adaptive-and-k", "doc-id", "doc-id-long", "append-domain", "append-unknown", "append-none"])
+        "temperature", "too-long", "way-too-long", "top-n", "neighbours", "uncalibrated", "adaptive-and-k", "doc-id", "doc-id-long", "append-domain", "append-unknown", "append-none"])
 def test_bad_input_gets_its_code_and_the_server_keeps_serving(client, call, code, words):
     err = rpc_error(call, client)
     assert err.code() == code, err.details()

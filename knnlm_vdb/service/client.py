@@ -67,10 +67,12 @@ class KnnlmClient:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
 
     def score(self, text: str, domains: Iterable[str] = (), k: int | None = None, temperature: float | None = None,
-              lmbda: float | None = None, adaptive: bool | None = None,
+              lmbda: float | None = None, adaptive: bool | None = None, neighbours: int = 0,
               timeout: float | None = None) -> pb.ScoreResponse:
-        """Settings left as None take the server's defaults; ``adaptive=True``: the domain's per-token λ."""
-        req = pb.ScoreRequest(text=text, domains=list(domains), settings=_settings(k, temperature, lmbda, adaptive))
+        """Settings left as None take the server's defaults; ``adaptive=True``: the domain's per-token λ;
+        ``neighbours`` > 0: each scored token's nearest datastore entries (``response.neighbours``)."""
+        req = pb.ScoreRequest(text=text, domains=list(domains), settings=_settings(k, temperature, lmbda, adaptive),
+                              neighbours=neighbours)
         return self.stub.Score(req, **self._kw(timeout))
 
     def next_token(self, context: str, top_n: int = 10, domains: Iterable[str] = (), k: int | None = None,

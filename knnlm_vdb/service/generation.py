@@ -92,7 +92,7 @@ class GenerateRpc:
                         yield pb.GenerateResponse(
                             token_id=step.token_id, token=self._token_str(step.token_id), text=piece, prob=step.prob,
                             base_prob=step.base_prob, knn_prob=step.knn_prob, lmbda=step.lmbda,
-                            searched=step.searched, neighbours=[_neighbour(h) for h in step.neighbours],
+                            searched=step.searched, neighbours=[neighbour_message(h) for h in step.neighbours],
                             settings=_settings_pb(settings) if first else None,
                             domains=[d.name for d in domains] if first else [])
                 finally:
@@ -123,6 +123,6 @@ def _settings_pb(s) -> pb.KnnSettings:
     return pb.KnnSettings(k=s.k, temperature=s.temperature, lmbda=s.lmbda, adaptive=False)
 
 
-def _neighbour(h: dict) -> pb.Neighbour:
+def neighbour_message(h: dict) -> pb.Neighbour:
     return pb.Neighbour(domain=h["domain"], doc_id=h["doc_id"], position=h["position"], distance=h["distance"],
                         token_id=h["target"], token=h["token"])

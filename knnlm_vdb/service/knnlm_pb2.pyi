@@ -19,17 +19,19 @@ class KnnSettings(_message.Message):
     def __init__(self, lmbda: _Optional[float] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., adaptive: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("text", "domains", "settings")
+    __slots__ = ("text", "domains", "settings", "neighbours")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DOMAINS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     text: str
     domains: _containers.RepeatedScalarFieldContainer[str]
     settings: KnnSettings
-    def __init__(self, text: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ...) -> None: ...
+    neighbours: int
+    def __init__(self, text: _Optional[str] = ..., domains: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., neighbours: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("token_ids", "tokens", "base_logprobs", "knn_logprobs", "logprobs", "scored_tokens", "base_ppl", "knnlm_ppl", "settings", "domains", "lambdas", "searched_fraction")
+    __slots__ = ("token_ids", "tokens", "base_logprobs", "knn_logprobs", "logprobs", "scored_tokens", "base_ppl", "knnlm_ppl", "settings", "domains", "lambdas", "searched_fraction", "neighbours")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BASE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +44,7 @@ class ScoreResponse(_message.Message):
     DOMAINS_FIELD_NUMBER: _ClassVar[int]
     LAMBDAS_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: _containers.RepeatedScalarFieldContainer[str]
     base_logprobs: _containers.RepeatedScalarFieldContainer[float]
@@ -54,7 +57,14 @@ class ScoreResponse(_message.Message):
     domains: _containers.RepeatedScalarFieldContainer[str]
     lambdas: _containers.RepeatedScalarFieldContainer[float]
     searched_fraction: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., base_logprobs: _Optional[_Iterable[float]] = ..., knn_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., scored_tokens: _Optional[int] = ..., base_ppl: _Optional[float] = ..., knnlm_ppl: _Optional[float] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., lambdas: _Optional[_Iterable[float]] = ..., searched_fraction: _Optional[float] = ...) -> None: ...
+    neighbours: _containers.RepeatedCompositeFieldContainer[TokenNeighbours]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., base_logprobs: _Optional[_Iterable[float]] = ..., knn_logprobs: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., scored_tokens: _Optional[int] = ..., base_ppl: _Optional[float] = ..., knnlm_ppl: _Optional[float] = ..., settings: _Optional[_Union[KnnSettings, _Mapping]] = ..., domains: _Optional[_Iterable[str]] = ..., lambdas: _Optional[_Iterable[float]] = ..., searched_fraction: _Optional[float] = ..., neighbours: _Optional[_Iterable[_Union[TokenNeighbours, _Mapping]]] = ...) -> None: ...
+
+class TokenNeighbours(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[Neighbour]
+    def __init__(self, entries: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ...) -> None: ...
 
 class NextTokenRequest(_message.Message):
     __slots__ = ("context", "top_n", "domains", "settings")

@@ -51,6 +51,7 @@ class Job:
     top_n: int = 0
     calibrations: tuple | None = None
     cache: object = None  # the in-document cache's adaptive.Calibration (adaptive only): a Score text reads itself
+    keep_keys: bool = False  # keep ``keys`` (the scored tokens' queries), e.g. to report their neighbours
     # filled by Scorer.run
     base: np.ndarray | None = None  # score: log p_LM [n-1]; next: log p_LM over the vocabulary [V]
     knn: np.ndarray | None = None
@@ -58,6 +59,7 @@ class Job:
     lambdas: np.ndarray | None = None  # λ per scored token (one for next)
     searched: np.ndarray | None = None  # bool per query: its neighbours were searched
     top: np.ndarray | None = None  # next: the top_n token ids by mixed probability
+    keys: np.ndarray | None = None  # with keep_keys: the query of each scored token
     _keys: list = field(default_factory=list, repr=False)
     _base: list = field(default_factory=list, repr=False)
     _feats: list = field(default_factory=list, repr=False)
@@ -204,6 +206,8 @@ class Scorer:
         for i, job in enumerate(jobs):
             if i not in errors:
                 self._finish(job, found[i])
+            if job.keep_keys and i not in errors:
+                job.keys = _cat(job._keys)
             job._keys, job._base, job._feats = [], [], []
         return errors
 

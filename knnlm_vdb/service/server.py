@@ -38,7 +38,7 @@ from knnlm_vdb.service import knnlm_pb2 as pb
 from knnlm_vdb.service import knnlm_pb2_grpc as pb_grpc
 from knnlm_vdb.errors import Incompatible, KnnlmError, NotFound
 from knnlm_vdb.service.batcher import Batcher
-from knnlm_vdb.service.generation import GenerateRpc, cache_of
+from knnlm_vdb.service.generation import GenerateRpc, cache_of, neighbour_message
 from knnlm_vdb.service.limits import Limits
 from knnlm_vdb.service.metrics import Metrics, backend_of
 from knnlm_vdb.service.scoring import DatastoreUnavailable, Job, Scorer
@@ -209,11 +209,18 @@ class KnnlmService(GenerateRpc, pb_grpc.KnnlmServicer):
     # ---- RPCs ---------------------------------------------------------------------------------
     @_rpc
     def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        from knnlm_vdb.api import neighbour_count, provenance
+
         domains = self._domains(request.domains)
+        n = neighbour_count(request.neighbours)
         ids = self._tokens(request.text, "text", minimum=2)
-        job = self.batcher.submit(self._job(ids, domains, request.settings), timeout=self._timeout(context))
+        job = self._job(ids, domains, request.settings)
+        job.keep_keys = n > 0
+        job = self.batcher.submit(job, timeout=self._timeout(context))
         self.metrics.job_done(job)
+        near = provenance(job.stores, self.encoder.lm.tokenizer, n)(job.keys) if n else []
         return pb.ScoreResponse(
+            neighbours=[pb.TokenNeighbours(entries=[neighbour_message(h) for h in hits]) for hits in near],
             token_ids=ids, tokens=[self._token_str(i) for i in ids],
             base_logprobs=job.base.tolist(), knn_logprobs=job.knn.tolist(), logprobs=job.mixed.tolist(),
             scored_tokens=len(job.base), base_ppl=job.base_ppl, knnlm_ppl=job.knnlm_ppl,
