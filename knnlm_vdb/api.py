@@ -250,9 +250,13 @@ class KnnLM:
         with self._lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=config, logits_processor=LogitsProcessorList([proc]),
-                                      stopping_criteria=criteria, streamer=streamer)
+            proc.start()
+            try:
+                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                          generation_config=config, logits_processor=LogitsProcessorList([proc]),
+                                          stopping_criteria=criteria, streamer=streamer)
+            finally:
+                proc.close()
         results = []
         for b in range(len(prompts)):
             new = out[b, width:].tolist()

@@ -96,6 +96,7 @@ class KeyTap:
     def __init__(self, model):
         self.ffn_input = None
         self.hidden = None
+        self.listener = None  # called as listener(key_type, states) the moment a key is computed
         layers = _decoder_layers(model)
         self.has_ffn = layers is not None
         self._handles = [model.base_model.register_forward_hook(self._on_backbone)]
@@ -104,9 +105,13 @@ class KeyTap:
 
     def _on_ffn(self, module, args):
         self.ffn_input = args[0]
+        if self.listener is not None:
+            self.listener("ffn_input", self.ffn_input)
 
     def _on_backbone(self, module, args, output):
         self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if self.listener is not None:
+            self.listener("final_hidden", self.hidden)
 
     def keys(self, key_type: str):
         return self.ffn_input if key_type == "ffn_input" else self.hidden

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from knnlm_vdb.encoder import Encoder
-from knnlm_vdb.mixing import Mixer
+from knnlm_vdb.mixing import Found, Mixer
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,48 @@ class KnnLogitsProcessor(_processor_base()):
         self.calls = 0
         self.scales = None  # [rows][parts] trust multiples, from the prompt (adaptive only)
         self.caches = None  # [rows] each row's in-document cache: its prompt's positions (with a cache calibration)
-        self.searches = self.skipped = 0
+        self.searches = self.skipped = self.searched_ahead = 0
         self._last = None  # the latest step's distributions, until its tokens are known
+        self._pool = None
+        self._ahead = None  # (queries, future of each group's (distances, values)): a search already started
+
+    def start(self) -> None:
+        """Search each decoding step's queries the moment the model computes them. The key is ready
+        at the last block's feed-forward input (``ffn_input``), so the search — another process for
+        Milvus — runs while the model finishes that block, the final norm and the LM head (a fifth
+        of a small model's step). ``close()`` stops it; ``KnnLM.generate`` does both."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.mixer.groups and not self.passthrough:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-search-ahead")
+            self.encoder.tap.listener = self._search_ahead
+
+    def close(self) -> None:
+        if self.encoder.tap.listener == self._search_ahead:
+            self.encoder.tap.listener = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _search_ahead(self, key_type: str, states) -> None:
+        if key_type != self.encoder.key_type or self.calls == 0 or states.shape[1] != 1 or self._pool is None:
+            return  # the prompt's forward (read first, as a document) or another model's state
+        queries = states[:, -1].detach().float().cpu().numpy().copy()
+        groups = range(len(self.mixer.groups))
+        self._ahead = (queries, self._pool.submit(lambda: [self.mixer.search(g, queries) for g in groups]))
+
+    def _retrieve(self, queries, masks) -> list[Found]:
+        """Each part's neighbours of this step's queries: from the search started ahead when it was
+        for these queries (kept where the masks say to search), else searched now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0].shape != queries.shape or not np.array_equal(ahead[0], queries):
+            return self.mixer.retrieve(queries, masks, self.caches)
+        self.searched_ahead += 1
+        found = [Found.place(m, self.mixer.ks[g], d[m], v[m])
+                 for g, (m, (d, v)) in enumerate(zip(masks, ahead[1].result()))]
+        if self.mixer.cache is not None:
+            found.append(self.mixer.search_cache(self.caches, queries, masks[len(found)]))
+        return found
 
     @property
     def passthrough(self) -> bool:
@@ -101,7 +141,7 @@ class KnnLogitsProcessor(_processor_base()):
         entropy, max_lp = gate_features(lm)
         queries = keys[:, -1].float().cpu().numpy()
         masks = self.mixer.search_masks(entropy, max_lp)
-        found = self.mixer.retrieve(queries, masks, self.caches)
+        found = self._retrieve(queries, masks)
         searched = np.any([f.searched for f in found[:len(self.mixer.groups)]], axis=0)
         self.searches += int(searched.sum())
         self.skipped += int((~searched).sum())

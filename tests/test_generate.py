@@ -234,3 +234,34 @@ def test_gate_features_ignore_tokens_other_processors_ruled_out():
     assert np.isfinite(entropy).all() and entropy[0] == pytest.approx(float(want), abs=1e-6)
     assert top[0] == pytest.approx(float(banned.max()))
     assert gate_features(lp)[0][0] == pytest.approx(float(-(lp.exp() * lp).sum()), abs=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(k=8, temperature=1.0, lmbda=0.5), dict(lmbda="auto")])
+def test_searching_ahead_from_the_key_hook_changes_nothing_but_when(tmp_path, llama_lm, settings):
+    """start(): each step's search begins at the last block's FFN input, before the LM head has run;
+    the tokens and every probability are those of searching after the forward."""
+    from knnlm_vdb.adaptive import fit_calibration
+    from knnlm_vdb.evaluate import evaluate
+
+    enc = Encoder(llama_lm, ctx=128, stride=64)
+    store = _store(tmp_path, enc, "mem", MEMORISED + TINY_TEXT)
+    valid = evaluate(enc, [enc.tokenize(MEMORISED), enc.tokenize(TINY_TEXT[::-1])], [store], k=8,
+                     keep_neighbours=True, show_progress=False)
+    store.set_extra("calibration", fit_calibration(valid.neighbours, 8, 1.0)[0].to_dict())
+    lm = KnnLM(enc, [store], **settings)
+    ids = torch.tensor([enc.tokenize(MEMORISED[:30])])
+    runs = []
+    for ahead in (False, True):
+        proc = lm.logits_processor()
+        if ahead:
+            proc.start()
+        with torch.inference_mode():
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                    logits_processor=[proc], pad_token_id=0, output_scores=True,
+                                    return_dict_in_generate=True)
+        proc.close()
+        assert enc.tap.listener is None
+        runs.append((out.sequences[0].tolist(), torch.stack(out.scores).numpy(), proc.searched_ahead))
+    (tokens, scores, none), (tokens_ahead, scores_ahead, used) = runs
+    assert tokens == tokens_ahead and none == 0 and used == 5  # every step after the prompt's
+    np.testing.assert_allclose(scores_ahead, scores, rtol=0, atol=1e-9)
