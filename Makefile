@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test tools bench bench-generate clean
+.PHONY: demo test tools bench bench-generate bench-datastores bench-memory clean
 
 # torch first, so that the package's open `torch>=2.2` is already met: 2.13.0 is the CPU-only
 # wheel on our machines (pip's find-links); elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -44,18 +44,21 @@ bench: $(VENV)/.dev
 	cd benchmarks && ../$(PY) serve_load.py --datastore cache/pydocs-408000-ffn_input-c1024s512-ivfpq \
 		--clients 1,4,16 --requests-per-client 4
 	$(MAKE) bench-generate
+	$(MAKE) bench-memory
 
-# benchmarks/generate.py's datastores: built and tuned by the CLI itself, once (cached)
+# the datastores of benchmarks/generate.py and memory.py: built and tuned by the CLI itself, once (cached)
 GEN_KNN := ../$(VENV)/bin/knnlm-vdb
 CORPORA ?= $(or $(KNNLM_CORPORA),../../shared/corpora)
-bench-generate: $(VENV)/.dev
+bench-datastores: $(VENV)/.dev
 	cd benchmarks && test -f cache/gen-pydocs-120000-flat/meta.json || $(GEN_KNN) build \
 		--corpus $(CORPORA)/pydocs/train.txt --out cache/gen-pydocs-120000-flat --max-tokens 120000 --json
 	cd benchmarks && test -f cache/gen-debref-all-flat/meta.json || $(GEN_KNN) build \
 		--corpus $(CORPORA)/debref/train.txt --out cache/gen-debref-all-flat --json
 	cd benchmarks && for d in pydocs-120000 debref-all; do c=$${d%%-*}; test -f cache/gen-$$c-tune.json || \
 		$(GEN_KNN) tune --datastore cache/gen-$$d-flat --valid $(CORPORA)/$$c/valid.txt --max-tokens 10000 \
-		--json > cache/gen-$$c-tune.json; done
+		--json > cache/gen-$$c-tune.json.tmp && mv cache/gen-$$c-tune.json.tmp cache/gen-$$c-tune.json; done
+
+bench-generate: bench-datastores
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
 		--skip-quality
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
@@ -63,3 +66,19 @@ bench-generate: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache benchmarks/cache
+
+# the in-document cache: with and without it, in domain and across. Its own smaller datastores
+# (built and tuned by the CLI; tune fits each domain's calibration and the cache's), so that it
+# runs in well under an hour on 2 CPU cores.
+MEM_PYDOCS := 68607
+MEM_DEBREF := 30000
+bench-memory: $(VENV)/.dev
+	cd benchmarks && test -f cache/mem-pydocs-$(MEM_PYDOCS)-flat/meta.json || $(GEN_KNN) build \
+		--corpus $(CORPORA)/pydocs/train.txt --out cache/mem-pydocs-$(MEM_PYDOCS)-flat --max-tokens $(MEM_PYDOCS) --json
+	cd benchmarks && test -f cache/mem-debref-$(MEM_DEBREF)-flat/meta.json || $(GEN_KNN) build \
+		--corpus $(CORPORA)/debref/train.txt --out cache/mem-debref-$(MEM_DEBREF)-flat --max-tokens $(MEM_DEBREF) --json
+	cd benchmarks && for d in pydocs-$(MEM_PYDOCS) debref-$(MEM_DEBREF); do c=$${d%%-*}; \
+		test -f cache/mem-$$c-tune.json || $(GEN_KNN) tune --datastore cache/mem-$$d-flat \
+		--valid $(CORPORA)/$$c/valid.txt --max-tokens 5000 --json > cache/mem-$$c-tune.json.tmp && mv cache/mem-$$c-tune.json.tmp cache/mem-$$c-tune.json; done
+	cd benchmarks && ../$(PY) memory.py --pydocs cache/mem-pydocs-$(MEM_PYDOCS)-flat \
+		--debref cache/mem-debref-$(MEM_DEBREF)-flat --tokens 12000

@@ -55,12 +55,14 @@ def run_demo(workdir: Path, backend: str = "milvus", model: str = "smollm2-135m"
         test_ids = token_ids("demo_test.jsonl")
         test = lm.evaluate(test_ids, show_progress=show_progress, k=best["k"], temperature=best["temperature"],
                            lmbda=best["lambda"]).to_dict()
-        auto = lm.evaluate(test_ids, show_progress=show_progress, lmbda="auto").to_dict()
+        auto = lm.evaluate(test_ids, show_progress=show_progress, lmbda="auto").to_dict()  # + the in-document cache
+        no_cache = lm.evaluate(test_ids, show_progress=show_progress, lmbda="auto", cache=False).to_dict()
         prompt = encoder.lm.tokenizer.decode(test_ids[0][:DEMO_PROMPT_TOKENS])
         completions = {name: lm.generate(prompt, max_new_tokens=DEMO_NEW_TOKENS, lmbda=lam).text
                        for name, lam in (("base", 0.0), ("auto", "auto"))}
         entries = store.count()
     return {**test, "auto_knnlm_ppl": auto["knnlm_ppl"], "auto_searched_fraction": auto["searched_fraction"],
+            "auto_no_cache_knnlm_ppl": no_cache["knnlm_ppl"],
             "backend": backend, "datastore": str(location), "datastore_entries": entries,
             "train_file": train.name, "valid_tokens": tuned["tokens"],
             "prompt": prompt, "completions": completions, "seconds": time.perf_counter() - t0}

@@ -151,3 +151,4 @@ def test_demo_runs_on_the_bundled_sample(tmp_path, tiny_model_dirs):
     assert out["datastore_entries"] > 50_000  # four tutorial chapters, one entry per byte-level token
     assert out["tokens"] > 10_000 and out["base_ppl"] > 1 and 0 < out["knnlm_ppl"] <= out["base_ppl"] * 1.01
     assert 0 < out["auto_knnlm_ppl"] <= out["base_ppl"] * 1.01 and 0 <= out["auto_searched_fraction"] <= 1
+    assert 0 < out["auto_no_cache_knnlm_ppl"] <= out["base_ppl"] * 1.01
