@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test tools bench bench-generate clean
+.PHONY: demo test tools bench bench-generate bench-scale clean
 
 # torch first, so that the package's open `torch>=2.2` is already met: 2.13.0 is the CPU-only
 # wheel on our machines (pip's find-links); elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -44,6 +44,7 @@ bench: $(VENV)/.dev
 	cd benchmarks && ../$(PY) serve_load.py --datastore cache/pydocs-408000-ffn_input-c1024s512-ivfpq \
 		--clients 1,4,16 --requests-per-client 4
 	$(MAKE) bench-generate
+	$(MAKE) bench-scale
 
 # benchmarks/generate.py's datastores: built and tuned by the CLI itself, once (cached)
 GEN_KNN := ../$(VENV)/bin/knnlm-vdb
@@ -60,6 +61,17 @@ bench-generate: $(VENV)/.dev
 		--skip-quality
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
 		--skip-speed --prompts 96 --context 512 --new-tokens 32 --name generate-quality
+
+# benchmarks/scale.py: a Milvus standalone server of its own (PyPI milvus, free port, data in
+# cache/scale-milvus, removed afterwards) grown to 1M, 3M and 10M entries resampled from the real keys
+# of the generation datastore above (PCA to 64 dims); about an hour on 2 cores, configurations that
+# would not fit the --budget-min are recorded as skipped.
+bench-scale: $(VENV)/.dev
+	cd benchmarks && test -f cache/gen-pydocs-120000-flat/meta.json || $(GEN_KNN) build \
+		--corpus $(CORPORA)/pydocs/train.txt --out cache/gen-pydocs-120000-flat --max-tokens 120000 --json
+	cd benchmarks && nice -n 10 ../$(PY) scale.py --real-keys cache/gen-pydocs-120000-flat \
+		--sizes 1000000,3000000,10000000 --indexes IVF_SQ8,IVF_FLAT,HNSW,IVF_PQ --dim 64 --nlist 256 \
+		--nprobe 32,8,128 --calls 24 --budget-min 58
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache benchmarks/cache
