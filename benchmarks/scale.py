@@ -2,7 +2,7 @@
 query latency and recall, for IVF_FLAT, IVF_SQ8, IVF_PQ and HNSW.
 
     nice -n 10 python benchmarks/scale.py --real-keys benchmarks/cache/gen-pydocs-120000-flat \\
-        --sizes 1000000,3000000,10000000 --indexes IVF_FLAT,IVF_SQ8,IVF_PQ,HNSW --dim 64
+        --sizes 1000000,3000000,10000000 --indexes IVF_SQ8,IVF_FLAT,HNSW,IVF_PQ --dim 64   (make bench-scale)
 
 Starts its own server (PyPI ``milvus``, tests/milvus_server.py) on a free port with its data under
 benchmarks/cache/scale-milvus/, and stops it on exit, Ctrl-C or SIGTERM. Keys are real keys
@@ -14,7 +14,9 @@ the flushed rows, wait until it is built, load, search, release, drop the index.
 Ingest goes through pymilvus ``insert`` into a collection with knnlm-vdb's row schema (id, key,
 target, doc_id, position, plus its Trie index on doc_id): ``MilvusDatastore.add`` looks up every
 id before upserting it (idempotent appends), and ``--probe-rows`` measures that path separately.
-Results are written after every configuration (benchmarks/results/<name>.{json,md,png}).
+Results are written after every configuration (``scale_report.py``: benchmarks/results/<name>.{json,md,png});
+configurations ruled out by ``--limits``, ``--max-server-gib`` or the ``--budget-min`` estimate
+(linear growth from the last measured size) are recorded as skipped with the reason.
 """
 from __future__ import annotations
 
