@@ -32,7 +32,7 @@ test: $(VENV)/.dev tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
 
 # Needs ../shared/corpora (or KNNLM_CORPORA). Datastores and LM passes are cached in benchmarks/cache/,
-# so a rerun only re-measures; from scratch it takes about 3 h on 2 CPU cores.
+# so a rerun only re-measures; from scratch it takes about 4 h on 2 CPU cores (bench-scale: 1 h).
 bench: $(VENV)/.dev
 	cd benchmarks && ../$(PY) quality.py --max-tokens 408000
 	cd benchmarks && ../$(PY) paper.py --eval-tokens 20000
