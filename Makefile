@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test tools bench bench-generate bench-datastores bench-memory clean
+.PHONY: demo test tools bench bench-generate bench-datastores bench-memory bench-scale clean
 
 # torch first, so that the package's open `torch>=2.2` is already met: 2.13.0 is the CPU-only
 # wheel on our machines (pip's find-links); elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -32,7 +32,7 @@ test: $(VENV)/.dev tools
 	PATH="$(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
 
 # Needs ../shared/corpora (or KNNLM_CORPORA). Datastores and LM passes are cached in benchmarks/cache/,
-# so a rerun only re-measures; from scratch it takes about 3 h on 2 CPU cores.
+# so a rerun only re-measures; from scratch it takes about 4 h on 2 CPU cores (bench-scale: 1 h).
 bench: $(VENV)/.dev
 	cd benchmarks && ../$(PY) quality.py --max-tokens 408000
 	cd benchmarks && ../$(PY) paper.py --eval-tokens 20000
@@ -45,6 +45,7 @@ bench: $(VENV)/.dev
 		--clients 1,4,16 --requests-per-client 4
 	$(MAKE) bench-generate
 	$(MAKE) bench-memory
+	$(MAKE) bench-scale
 
 # the datastores of benchmarks/generate.py and memory.py: built and tuned by the CLI itself, once (cached)
 GEN_KNN := ../$(VENV)/bin/knnlm-vdb
@@ -63,6 +64,17 @@ bench-generate: bench-datastores
 		--skip-quality
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
 		--skip-speed --prompts 96 --context 512 --new-tokens 32 --name generate-quality
+
+# benchmarks/scale.py: a Milvus standalone server of its own (PyPI milvus, free port, data in
+# cache/scale-milvus, removed afterwards) grown to 1M, 3M and 10M entries resampled from the real keys
+# of the generation datastore above (PCA to 64 dims); about an hour on 2 cores, configurations that
+# would not fit the --budget-min are recorded as skipped.
+bench-scale: $(VENV)/.dev
+	cd benchmarks && test -f cache/gen-pydocs-120000-flat/meta.json || $(GEN_KNN) build \
+		--corpus $(CORPORA)/pydocs/train.txt --out cache/gen-pydocs-120000-flat --max-tokens 120000 --json
+	cd benchmarks && nice -n 10 ../$(PY) scale.py --real-keys cache/gen-pydocs-120000-flat \
+		--sizes 1000000,3000000,10000000 --indexes IVF_SQ8,IVF_FLAT,HNSW,IVF_PQ --dim 64 --nlist 256 \
+		--nprobe 32,8,128 --calls 24 --budget-min 58
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache benchmarks/cache

@@ -19,7 +19,8 @@ def test_helm_is_v3(helm):
 
 # --- lint ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values", [None, "values-gpu.yaml", "values-external.yaml", "values-secure.yaml"])
+@pytest.mark.parametrize("values", [None, "values-gpu.yaml", "values-external.yaml", "values-secure.yaml",
+                                    "values-cluster.yaml"])
 def test_helm_lint(helm, chart, values):
     args = ["lint", "--strict", str(chart)] + (["-f", str(chart / values)] if values else [])
     p = helm_run(helm, *args)
