@@ -28,6 +28,7 @@ from knnlm_vdb.datastore.milvus.naming import (META_PROPERTY, RETIRED_PROPERTY, 
 from knnlm_vdb.datastore.milvus.store import ID_CHECK_BATCH, INSERT_BATCH_BYTES
 from knnlm_vdb.datastore.milvus.versions import check_schema_version
 from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.projection import stored_dim
 from knnlm_vdb.settings import CONSISTENCY_LEVELS
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = 
                 raise KnnlmError(f"Milvus collection {desc.get('collection_name')} was not created by knnlm-vdb")
             old = desc["collection_name"]
             ensure_loaded(client, old)  # Lite forgets loads between processes; iterators need it
-            dim = int(meta["info"]["dim"])
+            dim = stored_dim(meta)  # of the stored keys (a projection's output); they are copied as they are
             tuned_k = (meta["info"].get("extra") or {}).get("tuned", {}).get("k")
             index = validate_index(index_type, index_params, search_params, deployment=deployment, dim=dim,
                                       k=int(tuned_k) if tuned_k else None)
