@@ -171,3 +171,30 @@ def test_milvus_projected_domain_with_compressed_index(uri, index_type):
         assert list(vals[:, 0]) == [values[10], values[2500]]
     finally:
         store.close()
+
+
+def test_reindex_moves_a_live_domain_to_projected_pq_keys(uri):
+    domain = f"t{uuid.uuid4().hex[:10]}"
+    ids, keys, values = low_rank_rows(1500, rank=4)
+    spec = StoreSpec("milvus", uri, domain)
+    store = create_spec(spec, INFO, IndexSpec.from_options("milvus", "FLAT"))
+    store.add(ids, keys, values, doc_ids=["d"] * len(ids), positions=np.arange(len(ids)))
+    store.close()
+    queries = keys[[7, 1200]] + 0.001
+    r = CliRunner().invoke(main, ["reindex", "--uri", uri, "--domain", domain, "--index-type", "IVF_PQ",
+                                         "--index-param", "nlist=8", "--index-param", "m=4",
+                                         "--search-param", "nprobe=8", "--project-dim", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["projection"]["dim_out"] == 8
+    store = open_spec(spec)
+    try:
+        desc = store.describe()
+        assert desc["stored_dim"] == 8 and desc["index"]["type"] == "IVF_PQ" and desc["count"] == 1500
+        assert desc["bytes_per_entry"]["vectors"] == 4
+        _, vals = store.search(queries, 1)  # model-space queries, projected by the domain's stored projection
+        assert list(vals[:, 0]) == [values[7], values[1200]]
+    finally:
+        store.close()
+    r = CliRunner().invoke(main, ["reindex", "--uri", uri, "--domain", domain, "--index-type", "FLAT",
+                                         "--project-dim", "4"])
+    assert r.exit_code == 2 and "already stores projected keys" in r.output
