@@ -198,3 +198,17 @@ def test_reindex_moves_a_live_domain_to_projected_pq_keys(uri):
     r = CliRunner().invoke(main, ["reindex", "--uri", uri, "--domain", domain, "--index-type", "FLAT",
                                          "--project-dim", "4"])
     assert r.exit_code == 2 and "already stores projected keys" in r.output
+
+
+def test_distance_scale_keeps_neighbour_distances_comparable():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3000, 16)) * np.r_[np.full(4, 6.0), np.full(12, 1.0)]).astype(np.float32)
+    p = Projection.fit(x, 4)
+    assert p.distance_scale > 1.5  # neighbours differ mostly in the 12 dropped directions
+    q, pool = x[:200], x[200:]
+    d_proj = ((p.apply(q)[:, None] - p.apply(pool)[None]) ** 2).sum(-1)
+    nn = np.argsort(d_proj, axis=1)[:, :8]
+    d_full = ((q[:, None] - pool[None]) ** 2).sum(-1)
+    full = np.take_along_axis(d_full, nn, 1).mean()
+    raw, scaled = full / np.take_along_axis(d_proj, nn, 1).mean(), full / p.scale_distances(np.take_along_axis(d_proj, nn, 1)).mean()
+    assert raw > 2.5 and 0.6 < scaled < 1.6  # measured on other neighbours (k=32 of 2.5k): close, not equal

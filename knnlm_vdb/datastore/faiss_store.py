@@ -290,6 +290,8 @@ class FaissDatastore(Datastore):
         valid = rows >= 0
         values = np.where(valid, self._values[np.where(valid, rows, 0)], MISSING_VALUE).astype(np.int32)
         dist = np.where(valid, dist, np.inf).astype(np.float32)
+        if self.projection is not None:
+            dist = self.projection.scale_distances(dist)
         if dist.shape[1] < k:
             pad = k - dist.shape[1]
             dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)

@@ -327,7 +327,8 @@ class MilvusDatastore(Datastore):
         return dists, found
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return pad_results(*self._search(queries, k, "target"), k)
+        d, v = pad_results(*self._search(queries, k, "target"), k)
+        return (self.projection.scale_distances(d) if self.projection is not None else d), v
 
     def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but with the neighbours' entry ids (int64, -1 when unfilled): for recall checks."""
