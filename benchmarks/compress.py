@@ -39,25 +39,22 @@ FORMS = {
     "flat": ("faiss", "flat", None, None, False),
     "sq8": ("faiss", "sq8", None, None, False),
     "pq64": ("faiss", "pq", 64, None, False),
-    "pq32": ("faiss", "pq", 32, None, False),
-    "pq32+rerank": ("faiss", "pq", 32, None, True),
-    "ivfpq32": ("faiss", "ivfpq", 32, None, False),
     "pca288": ("faiss", "flat", None, 288, False),
-    "pca192": ("faiss", "flat", None, 192, False),
     "pca128": ("faiss", "flat", None, 128, False),
     "pca64": ("faiss", "flat", None, 64, False),
-    "pca128+sq8": ("faiss", "sq8", None, 128, False),
     "pca64+sq8": ("faiss", "sq8", None, 64, False),
     "pca32+sq8": ("faiss", "sq8", None, 32, False),
     "pca128+pq32": ("faiss", "pq", 32, 128, False),
     "pca128+pq16": ("faiss", "pq", 16, 128, False),
-    "pca64+pq16": ("faiss", "pq", 16, 64, False),
-    "pca128+pq16+rerank": ("faiss", "pq", 16, 128, True),
-    "milvus:IVF_SQ8": ("milvus", "IVF_SQ8", None, None, False),
-    "milvus:pca128+IVF_SQ8": ("milvus", "IVF_SQ8", None, 128, False),
-    "milvus:pca128+IVF_PQ16": ("milvus", "IVF_PQ", 16, 128, False),
+    "pca128+pq32+rerank": ("faiss", "pq", 32, 128, True),
+    "pca128+ivfpq32": ("faiss", "ivfpq", 32, 128, False),
+    "milvus:pca64+IVF_SQ8": ("milvus", "IVF_SQ8", None, 64, False),
     "milvus:pca128+IVF_PQ32": ("milvus", "IVF_PQ", 32, 128, False),
+    "milvus:pca128+IVF_PQ16": ("milvus", "IVF_PQ", 16, 128, False),
 }
+
+DEFAULT_FORMS = ("flat", "pca128", "pca64+sq8", "pca32+sq8", "pca128+pq32", "pca128+pq16", "milvus:pca128+IVF_PQ16",
+                 "milvus:pca64+IVF_SQ8", "pca128+pq32+rerank", "pca288", "sq8")
 
 
 def lm_pass(enc, split: str, n_tokens: int, tag: str) -> dict:
@@ -99,24 +96,26 @@ def search_ids(store, ids_of_rows: np.ndarray | None, queries: np.ndarray, k: in
     return np.concatenate(out_d), np.concatenate(out_v), np.concatenate(out_i)
 
 
-def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, uri: str):
+def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, uri: str, train_rows: int):
     backend, index, pq_m, pdim, recompute = FORMS[name]
     proj = Projection.fit(sample, pdim) if pdim else None
     keys, values, ids = src.keys(), src.values(), src.ids()
     t0 = time.perf_counter()
     if backend == "faiss":
         store = FaissDatastore.create(work / name.replace("+", "_"), src.info, index=index, pq_m=pq_m,
+                                      nlist=256 if index == "ivfpq" else None,
                                       recompute=recompute, projection=proj, key_dtype="float16")
         for i in range(0, len(keys), 16384):
             store.add(ids[i:i + 16384], np.asarray(keys[i:i + 16384], np.float32), values[i:i + 16384])
+        store.train(sample_size=train_rows)  # PQ k-means on all 120k rows takes minutes on 2 shared cores
         store.finalize()
     else:
         from knnlm_vdb.datastore.milvus import MilvusDatastore
 
         domain = "c_" + name.split(":")[1].replace("+", "_").lower()
-        params = {"nlist": 1024, **({"m": pq_m} if pq_m else {})}
+        params = {"nlist": 256, **({"m": pq_m} if pq_m else {})}
         store = MilvusDatastore.create(uri, domain, src.info, index_type=index, index_params=params,
-                                       search_params={"nprobe": 64}, projection=proj)
+                                       search_params={"nprobe": 32}, projection=proj)
         for i in range(0, len(keys), 8192):
             store.add(ids[i:i + 8192], np.asarray(keys[i:i + 8192], np.float32), values[i:i + 8192],
                       doc_ids=["d"] * len(ids[i:i + 8192]), positions=np.arange(i, i + len(ids[i:i + 8192])))
@@ -132,9 +131,10 @@ def main():
                     help="`knnlm-vdb tune --json` output for it (else tuned here on --valid-tokens)")
     ap.add_argument("--test-tokens", type=int, default=6000)
     ap.add_argument("--valid-tokens", type=int, default=4000)
-    ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset of: " + ", ".join(FORMS))
+    ap.add_argument("--forms", default=",".join(DEFAULT_FORMS), help="comma-separated subset of: " + ", ".join(FORMS))
     ap.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS, help="first keys the projections are fitted on")
     ap.add_argument("--recall-k", type=int, default=64)
+    ap.add_argument("--train-rows", type=int, default=10000, help="random rows the SQ8/PQ quantisers train on")
     ap.add_argument("--work", default=str(CACHE / "compress" / "stores"), help="scratch for the compressed stores")
     args = ap.parse_args()
     setup_logging()
@@ -177,7 +177,7 @@ def main():
         if name == "flat":
             store, build_s = src, 0.0
         else:
-            store, build_s = build_form(name, src, sample, work, uri)
+            store, build_s = build_form(name, src, sample, work, uri, args.train_rows)
         t0 = time.perf_counter()
         d, v, i = search_ids(store, ids_of_rows, test["keys"], max(k, rk))
         search_s = time.perf_counter() - t0
