@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, corpus_file, markdown_table, setup_logging, write_results
+from common import CACHE, RESULTS, corpus_file, markdown_table, setup_logging, write_results
 
 from knnlm_vdb.datastore.faiss_index import exact_distances
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
@@ -49,12 +49,13 @@ FORMS = {
     "pca128+pq32+rerank": ("faiss", "pq", 32, 128, True),
     "pca128+ivfpq32": ("faiss", "ivfpq", 32, 128, False),
     "milvus:pca64+IVF_SQ8": ("milvus", "IVF_SQ8", None, 64, False),
-    "milvus:pca128+IVF_PQ32": ("milvus", "IVF_PQ", 32, 128, False),
-    "milvus:pca128+IVF_PQ16": ("milvus", "IVF_PQ", 16, 128, False),
+    "milvus:pca24+IVF_SQ8": ("milvus", "IVF_SQ8", None, 24, False),
+    "server:pca128+IVF_PQ16": ("server", "IVF_PQ", 16, 128, False),  # Milvus Lite 3.2.2 cannot build IVF_PQ
+    "server:pca128+IVF_PQ24": ("server", "IVF_PQ", 24, 128, False),
 }
 
-DEFAULT_FORMS = ("flat", "pca128", "pca64+sq8", "pca32+sq8", "pca128+pq32", "pca128+pq16", "milvus:pca128+IVF_PQ16",
-                 "milvus:pca64+IVF_SQ8", "pca128+pq32+rerank", "pca288", "sq8")
+DEFAULT_FORMS = ("flat", "pca128", "pca64+sq8", "pca32+sq8", "pca128+pq32", "pca128+pq16", "milvus:pca24+IVF_SQ8",
+                 "milvus:pca64+IVF_SQ8", "server:pca128+IVF_PQ16", "pca128+pq32+rerank", "pca288", "sq8")
 
 
 def lm_pass(enc, split: str, n_tokens: int, tag: str) -> dict:
@@ -71,6 +72,9 @@ def lm_pass(enc, split: str, n_tokens: int, tag: str) -> dict:
     out = {k: np.concatenate(v) for k, v in parts.items()}
     np.savez(path, **out)
     return out
+
+
+KS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def knnlm_ppl(data: dict, dist: np.ndarray, vals: np.ndarray, k: int, t: float, lam: float) -> float:
@@ -96,6 +100,23 @@ def search_ids(store, ids_of_rows: np.ndarray | None, queries: np.ndarray, k: in
     return np.concatenate(out_d), np.concatenate(out_v), np.concatenate(out_i)
 
 
+_SERVER = []
+
+
+def server_uri(work: Path) -> str:
+    """A Milvus 2.3.5 standalone server (PyPI ``milvus``, tests/milvus_server.py) for this run."""
+    if not _SERVER:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from milvus_server import MilvusTestServer
+
+        server = MilvusTestServer(work.parent / "milvus-server")
+        server.start()
+        _SERVER.append(server)
+    return _SERVER[0].uri
+
+
 def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, uri: str, train_rows: int):
     backend, index, pq_m, pdim, recompute = FORMS[name]
     proj = Projection.fit(sample, pdim) if pdim else None
@@ -114,6 +135,8 @@ def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, u
 
         domain = "c_" + name.split(":")[1].replace("+", "_").lower()
         params = {"nlist": 256, **({"m": pq_m} if pq_m else {})}
+        if backend == "server":
+            uri = server_uri(work)
         store = MilvusDatastore.create(uri, domain, src.info, index_type=index, index_params=params,
                                        search_params={"nprobe": 32}, projection=proj)
         for i in range(0, len(keys), 8192):
@@ -155,22 +178,35 @@ def main():
     if tj.is_file() and tj.stat().st_size:
         tuned = json.loads(tj.read_text()).get("best")
         tuned_from = str(tj)
+    valid = lm_pass(enc, "valid", args.valid_tokens, tag)
+
+    def own_tune(store) -> dict:
+        """k, T, λ tuned for ``store`` on the valid tokens, as `knnlm-vdb tune` would."""
+        dv, vv = store.search(valid["keys"], max_k)
+        return tune(Neighbours(valid["targets"], valid["lm_logprobs"], dv, vv, None, None), ks=KS)["best"]
+
+    exact_own = own_tune(src)
     if not tuned:
-        valid = lm_pass(enc, "valid", args.valid_tokens, tag)
-        dv, vv = src.search(valid["keys"], max_k)
-        nb = Neighbours(valid["targets"], valid["lm_logprobs"], dv, vv, None, None)
-        tuned = tune(nb, ks=(8, 16, 32, 64, 128, 256, 512, 1024))["best"]
+        tuned = exact_own
         tuned_from = f"tuned here on the first {args.valid_tokens} pydocs valid tokens (exact store)"
     k, t, lam = int(tuned["k"]), float(tuned["temperature"]), float(tuned["lambda"])
     base_ppl = perplexity(test["lm_logprobs"])
     exact_ppl = knnlm_ppl(test, d_ex, v_ex, k, t, lam)
+    exact_own_ppl = knnlm_ppl(test, d_ex, v_ex, exact_own["k"], exact_own["temperature"], exact_own["lambda"])
     rk = args.recall_k
     sample = np.asarray(src.keys()[: args.sample_rows], np.float32)
     work = Path(args.work)
     rows = []
+    prior = RESULTS / "compress.json"
+    if prior.exists():  # resume: keep the forms a run over the same rows and tokens measured
+        old = json.loads(prior.read_text())
+        if (old.get("entries"), old.get("tokens"), old.get("k")) == (src.count(), len(test["targets"]), k):
+            rows = old["rows"]
     for name in [f for f in args.forms.split(",") if f]:
         if name not in FORMS:
             raise SystemExit(f"unknown form {name!r}")
+        if any(r["form"] == name for r in rows):
+            continue
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         uri = str(work / "milvus.db")
@@ -179,8 +215,10 @@ def main():
         else:
             store, build_s = build_form(name, src, sample, work, uri, args.train_rows)
         t0 = time.perf_counter()
-        d, v, i = search_ids(store, ids_of_rows, test["keys"], max(k, rk))
+        d, v, i = search_ids(store, ids_of_rows, test["keys"], max(max_k, rk))
         search_s = time.perf_counter() - t0
+        own = own_tune(store)
+        own_ppl = knnlm_ppl(test, d, v, own["k"], own["temperature"], own["lambda"])
         desc = store.describe()
         b = desc["bytes_per_entry"]
         recall = float(np.mean([len(np.intersect1d(a[:rk], e[:rk])) / rk for a, e in zip(i, i_ex)]))
@@ -189,26 +227,40 @@ def main():
         rows.append({"form": name, "backend": FORMS[name][0], "dim": desc.get("stored_dim", desc["dim"]),
                      "explained": proj.get("explained_variance"), "key_bytes": b["vectors"] + b["index"],
                      "bytes_per_entry": b["total"], "bytes_parts": b, "recall": recall, "ppl": ppl,
-                     "delta_pct": 100 * (ppl / exact_ppl - 1),
+                     "delta_pct": 100 * (ppl / exact_ppl - 1), "own_k": own["k"], "own_t": own["temperature"],
+                     "own_lambda": own["lambda"], "own_ppl": own_ppl, "own_delta_pct": 100 * (own_ppl / exact_own_ppl - 1),
                      "dist_ratio": float(np.mean(d[:, 0]) / np.mean(d_ex[:, 0])),
                      "build_s": round(build_s, 1), "search_s": round(search_s, 1)})
         print(json.dumps({k_: v_ for k_, v_ in rows[-1].items() if k_ != "bytes_parts"}), flush=True)
         if store is not src:
             store.close()
+        report(args, src, test, rows, tuned_from, k, t, lam, base_ppl, exact_ppl, exact_own, exact_own_ppl, exact_s,
+               len(sample), rk)
+    for server in _SERVER:
+        server.stop()
     shutil.rmtree(work, ignore_errors=True)
+
+
+def report(args, src, test, rows, tuned_from, k, t, lam, base_ppl, exact_ppl, exact_own, exact_own_ppl, exact_s,
+           n_sample, rk) -> None:
+    """Results so far (written after every form, so a stopped run keeps what it measured)."""
     cols = [("form", "form", ""), ("backend", "backend", ""), ("dim", "stored dim", "d"),
             ("explained", "PCA variance kept", ".3f"), ("key_bytes", "key B/entry", "d"),
             ("bytes_per_entry", "total B/entry", "d"), ("recall", f"recall@{rk}", ".3f"), ("ppl", "kNN-LM ppl", ".3f"),
-            ("delta_pct", "Δ vs exact %", "+.2f"), ("dist_ratio", "NN dist ratio", ".3f"),
+            ("delta_pct", "Δ vs exact %", "+.2f"), ("own_t", "own T", ".1f"), ("own_ppl", "ppl, own tune", ".3f"),
+            ("own_delta_pct", "Δ own %", "+.2f"), ("dist_ratio", "NN dist ratio", ".3f"),
             ("build_s", "build s", ".1f"), ("search_s", "search s", ".1f")]
     head = (f"pydocs test, first {len(test['targets'])} tokens; datastore {args.datastore} ({src.count():,} entries, "
             f"{src.info.model} {src.info.key_type}); k={k}, T={t}, λ={lam} ({tuned_from}); base LM ppl "
-            f"{base_ppl:.3f}, exact kNN-LM ppl {exact_ppl:.3f}; projections fitted on the first "
-            f"{len(sample):,} keys\n\n")
+            f"{base_ppl:.3f}, exact kNN-LM ppl {exact_ppl:.3f}. 'own tune': k, T, λ tuned for each form on the first "
+            f"{args.valid_tokens} pydocs valid tokens (exact store: k={exact_own['k']}, T={exact_own['temperature']}, "
+            f"λ={exact_own['lambda']}, test ppl {exact_own_ppl:.3f}); projections fitted on the first "
+            f"{n_sample:,} keys\n\n")
     write_results("compress", {"datastore": args.datastore, "entries": src.count(), "tokens": len(test["targets"]),
                                "k": k, "temperature": t, "lambda": lam, "tuned_from": tuned_from,
                                "base_ppl": base_ppl, "exact_ppl": exact_ppl, "exact_search_s": round(exact_s, 1),
-                               "sample_rows": len(sample), "recall_k": rk, "rows": rows},
+                               "exact_own_tune": exact_own, "exact_own_ppl": exact_own_ppl,
+                               "sample_rows": n_sample, "recall_k": rk, "rows": rows},
                   head + markdown_table(rows, cols))
 
 

@@ -8,8 +8,9 @@ low-variance directions a small projection drops (on pydocs keys, 576 -> 64 dime
 of the variance but only ~30% of the nearest-neighbour distance), which would silently change
 the kNN temperature. So ``fit`` also measures ``distance_scale``: full over projected squared
 distance, summed over each sample query's nearest neighbours in the projected space; stores
-multiply the distances they return by it, and a temperature tuned on exact keys still fits
-(benchmarks/compress.py reports the remaining ratio).
+multiply the distances they return by it, so distances (and T) stay on the model-space scale.
+The best k and T of a compressed store still differ from the exact store's (it prefers larger
+ones: benchmarks/compress.py), so ``tune`` it like any new datastore.
 
 The projection is fitted once at build from a sample of the first keys (``fit``) and stored
 with the store: a FAISS datastore keeps the arrays in ``projection.npz`` and a summary in

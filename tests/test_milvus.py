@@ -59,7 +59,7 @@ def test_validate_index_rules():
         (dict(index_type="FLAT", k=16385), "exceeds 16384"),
         (dict(index_type="FLAT", k=0), "positive integer"),
         (dict(index_type="IVF_FLAT", build_params={"nlist": 16}, search_params={"nprobe": 32}), "exceeds nlist=16"),
-        (dict(index_type="GPU_IVF_PQ", deployment="lite"), "not supported by Milvus Lite"),
+        (dict(index_type="IVF_PQ", deployment="lite"), "not supported by Milvus Lite"),
         (dict(index_type="GPU_CAGRA", deployment="lite"), "not supported by Milvus Lite"),
         (dict(index_type="GPU_CAGRA", deployment="server-cpu"), "not supported"),
         (dict(index_type="HNSW", deployment="server-gpu"), "not supported"),

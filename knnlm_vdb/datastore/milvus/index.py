@@ -1,7 +1,9 @@
 """Milvus index types and their parameters: validated before anything reaches Milvus.
 
-Milvus Lite 3.2.2 accepts FLAT, IVF_FLAT, HNSW, IVF_SQ8 and IVF_PQ (checked: it creates,
-fills and searches collections with each); a CPU server also, a GPU server the GPU_* types.
+Milvus Lite 3.2.2 builds FLAT, IVF_FLAT, HNSW and IVF_SQ8 (and HNSW_SQ); it creates an IVF_PQ
+collection but its index build then fails ("reserved for a future phase") and searches stay
+brute force, so IVF_PQ is refused on Lite. A CPU server builds FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ
+and HNSW (2.3.5 checked), a GPU server the GPU_* types.
 Vector types other than FLOAT_VECTOR (FLOAT16, BFLOAT16, INT8, BINARY) are refused by Milvus
 Lite 3.2.2 and FLOAT16/BFLOAT16 need a 2.4+ server, so keys are always float32 vectors here;
 compression comes from the index (IVF_SQ8, IVF_PQ) and the key projection (projection.py).
@@ -22,7 +24,7 @@ MAX_NQ = 16384  # and more than 16384 query vectors per search
 # a 2.3 server only Trie for VARCHAR (INVERTED arrived in 2.4, which still builds Trie).
 DOC_ID_INDEX_TYPES = {"lite": ("INVERTED",), "server": ("Trie", "INVERTED")}
 
-LITE_INDEXES = ("FLAT", "IVF_FLAT", "HNSW", "IVF_SQ8", "IVF_PQ")
+LITE_INDEXES = ("FLAT", "IVF_FLAT", "HNSW", "IVF_SQ8")
 CPU_INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW")
 GPU_INDEXES = ("GPU_CAGRA", "GPU_IVF_FLAT", "GPU_IVF_PQ", "GPU_BRUTE_FORCE")
 # Whether a server has GPU indexes is only known once it answers, so plain "server" allows both.
