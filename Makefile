@@ -44,6 +44,7 @@ bench: $(VENV)/.dev
 	cd benchmarks && ../$(PY) serve_load.py --datastore cache/pydocs-408000-ffn_input-c1024s512-ivfpq \
 		--clients 1,4,16 --requests-per-client 4
 	$(MAKE) bench-generate
+	cd benchmarks && ../$(PY) compress.py --datastore cache/gen-pydocs-120000-flat --test-tokens 6000
 
 # benchmarks/generate.py's datastores: built and tuned by the CLI itself, once (cached)
 GEN_KNN := ../$(VENV)/bin/knnlm-vdb
