@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test tools bench bench-generate bench-datastores bench-memory bench-scale clean
+.PHONY: demo test tools bench bench-generate bench-datastores bench-memory bench-compress bench-scale clean
 
 # torch first, so that the package's open `torch>=2.2` is already met: 2.13.0 is the CPU-only
 # wheel on our machines (pip's find-links); elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -45,6 +45,7 @@ bench: $(VENV)/.dev
 		--clients 1,4,16 --requests-per-client 4
 	$(MAKE) bench-generate
 	$(MAKE) bench-memory
+	$(MAKE) bench-compress
 	$(MAKE) bench-scale
 
 # the datastores of benchmarks/generate.py and memory.py: built and tuned by the CLI itself, once (cached)
@@ -94,3 +95,7 @@ bench-memory: $(VENV)/.dev
 		--valid $(CORPORA)/$$c/valid.txt --max-tokens 5000 --json > cache/mem-$$c-tune.json.tmp && mv cache/mem-$$c-tune.json.tmp cache/mem-$$c-tune.json; done
 	cd benchmarks && ../$(PY) memory.py --pydocs cache/mem-pydocs-$(MEM_PYDOCS)-flat \
 		--debref cache/mem-debref-$(MEM_DEBREF)-flat --tokens 12000
+
+# compressed keys: bytes per entry against kNN-LM perplexity (the 68,607-entry pydocs datastore of bench-memory)
+bench-compress: bench-memory
+	cd benchmarks && ../$(PY) compress.py --datastore cache/mem-pydocs-$(MEM_PYDOCS)-flat --test-tokens 6000

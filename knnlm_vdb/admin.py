@@ -187,19 +187,22 @@ def parse_params(pairs, what: str) -> dict:
 @click.command()
 @_uri_option()
 @click.option("--domain", required=True, help="the domain to rebuild")
-@click.option("--index-type", required=True, help="FLAT, IVF_FLAT, HNSW (Lite); also IVF_SQ8, IVF_PQ, GPU_* on a server")
+@click.option("--index-type", required=True, help="FLAT, IVF_FLAT, HNSW, IVF_SQ8, IVF_PQ; GPU_* on a GPU server")
 @click.option("--index-param", "index_params", multiple=True, metavar="NAME=VALUE",
               help="build parameter, e.g. nlist=1024 or M=16 (repeatable)")
 @click.option("--search-param", "search_params", multiple=True, metavar="NAME=VALUE",
               help="search parameter stored with the domain, e.g. nprobe=32 or ef=256 (repeatable)")
 @click.option("--keep-old", is_flag=True, help="keep the replaced collection (marked retired) instead of dropping it")
+@click.option("--project-dim", type=int, default=None,
+              help="also store the keys projected to this dimension (a PCA fitted on the first keys)")
 @_json_option
-def reindex(uri, domain, index_type, index_params, search_params, keep_old, as_json):
+def reindex(uri, domain, index_type, index_params, search_params, keep_old, project_dim, as_json):
     """Rebuild DOMAIN with another index without downtime: a new collection, then an alias swap."""
     from knnlm_vdb.datastore.milvus.reindex import reindex as run
 
     r = run(uri, domain, index_type, parse_params(index_params, "index-param"),
-            parse_params(search_params, "search-param"), keep_old=keep_old, show_progress=not as_json, **_conn())
+            parse_params(search_params, "search-param"), keep_old=keep_old, show_progress=not as_json,
+            project_dim=project_dim, **_conn())
     _emit(r, as_json, [
         f"domain {r['domain']}: {r['count']:,} entries now in {r['to']} ({_summary(r['index'])}), "
         f"copied in {r['copy_seconds']:.1f}s, indexed in {r['index_seconds']:.1f}s"

@@ -140,7 +140,8 @@ def check_milvus(uri: str, domain: str, token: str | None = None) -> dict:
         store.close()
     report.update(count=n, dim=desc["dim"], model=desc["model"], index=desc.get("index"),
                   collection=desc.get("collection"), ledger_documents=len(docs), ledger_rows=claimed,
-                  row_bytes_per_entry=4 * desc["dim"] + 8 + 4 + 8,  # key float32, id, target, position (+ doc_id)
+                  # key float32 (projected: its stored dim), id, target, position (+ doc_id)
+                  row_bytes_per_entry=4 * desc.get("stored_dim", desc["dim"]) + 8 + 4 + 8,
                   damage=[f.to_dict() for f in found if f.damage], notes=[f.to_dict() for f in found if not f.damage])
     report["healthy"] = not report["damage"]
     return report

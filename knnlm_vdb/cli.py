@@ -105,6 +105,17 @@ def _ingest_into(store, encoder, corpus, max_tokens, shard, replace, as_json):
     emit({**report.to_dict(), "datastore": desc}, as_json, lines)
 
 
+def _fit_projection(encoder, docs, dim: int, project_dim: int | None):
+    """The key projection of a new store (None without --project-dim), fitted on the first keys."""
+    if project_dim is None:
+        return None
+    from knnlm_vdb.ingest import sample_keys
+    from knnlm_vdb.projection import SAMPLE_ROWS, Projection, check_project_dim
+
+    check_project_dim(project_dim, dim)
+    return Projection.fit(sample_keys(encoder, docs, SAMPLE_ROWS), project_dim)
+
+
 def _check_max_tokens(max_tokens):
     if max_tokens is not None and max_tokens < 1:
         raise KnnlmError(f"--max-tokens must be positive, got {max_tokens}")
@@ -122,16 +133,20 @@ def _check_max_tokens(max_tokens):
 @opt("consistency", type=click.Choice(CONSISTENCY_LEVELS), help="Milvus read consistency")
 @click.option("--max-tokens", type=int, default=None,
               help="stop after adding this many datastore entries (one per scored corpus token)")
-@opt("index", show_default=False, help="FAISS: flat|ivfpq; Milvus: FLAT, IVF_FLAT, HNSW, ... (see README) "
-                                       "[default: flat; HNSW on Milvus Lite]")
+@opt("index", show_default=False, help="FAISS: flat|sq8|pq|ivfpq; Milvus: FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW, "
+                                       "... (see README) [default: flat; HNSW on Milvus Lite]")
 @click.option("--nlist", type=int, default=None, help="IVF lists [default: ~4·sqrt(n)]")
-@click.option("--pq-m", type=int, default=None, help="FAISS IVFPQ sub-quantizers [default: 64-byte codes]")
+@click.option("--pq-m", type=int, default=None, help="PQ code bytes per entry (FAISS pq/ivfpq, Milvus IVF_PQ m) "
+                                                     "[default: 64-byte codes]")
 @opt("nprobe", type=int, help="IVF lists visited per query")
-@click.option("--recompute/--no-recompute", default=False, help="FAISS IVFPQ: re-score candidates with exact keys")
+@click.option("--recompute/--no-recompute", default=False,
+              help="FAISS sq8/pq/ivfpq: re-score candidates with the stored keys")
 @opt("key_dtype", type=click.Choice(["float16", "float32"]), help="FAISS key storage")
+@click.option("--project-dim", type=int, default=None,
+              help="store keys projected to this dimension by a PCA fitted on the first keys [default: none]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datastores, backend, uri, domains,
-          consistency, max_tokens, index, nlist, pq_m, nprobe, recompute, key_dtype, as_json):
+          consistency, max_tokens, index, nlist, pq_m, nprobe, recompute, key_dtype, project_dim, as_json):
     """Build a new datastore from corpus files (an append into a new, empty datastore)."""
     from knnlm_vdb.corpus import read_corpora
     from knnlm_vdb.datastore import IndexSpec, StoreInfo, create_spec
@@ -140,10 +155,12 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
     _check_max_tokens(max_tokens)
     spec = store_spec(backend, location, uri, consistency)
     index_spec = IndexSpec.from_options(backend, new_domain_index(index, backend, uri), nlist=nlist, pq_m=pq_m,
-                                        nprobe=nprobe, recompute=recompute, key_dtype=key_dtype)
-    read_corpora(corpus)  # fail on bad input before loading the model
+                                        nprobe=nprobe, recompute=recompute, key_dtype=key_dtype,
+                                        project_dim=project_dim)
+    docs = read_corpora(corpus)  # fail on bad input before loading the model
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    store = create_spec(spec, StoreInfo.for_encoder(encoder), index_spec)
+    info = StoreInfo.for_encoder(encoder)
+    store = create_spec(spec, info, index_spec, projection=_fit_projection(encoder, docs, info.dim, project_dim))
     _ingest_into(store, encoder, corpus, max_tokens, (0, 1), False, as_json)
 
 

@@ -63,6 +63,22 @@ def _doc_seed(doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=4).digest(), "little")
 
 
+def sample_keys(encoder: Encoder, documents: list[Document], rows: int) -> np.ndarray:
+    """The keys of the first ``rows`` target tokens of ``documents`` (float32): what a build fits
+    its key projection on (projection.py), before any row is stored."""
+    parts, n = [], 0
+    for doc in documents:
+        ids = encoder.tokenize(doc.text)
+        if len(ids) < 2:
+            continue
+        for block in encoder.encode(ids, with_logprobs=False, target_range=(1, min(len(ids), rows - n + 1))):
+            parts.append(np.asarray(block.keys, dtype=np.float32))
+            n += len(block)
+        if n >= rows:
+            break
+    return np.concatenate(parts)[:rows] if parts else np.zeros((0, encoder.lm.hidden_size), np.float32)
+
+
 def ingest(encoder: Encoder, store: Datastore, documents: list[Document], domain: str = "default",
            max_tokens: int | None = None, show_progress: bool = True, shard: tuple[int, int] = (0, 1),
            replace: bool = False, chunk_targets: int = CHUNK_TARGETS) -> IngestReport:

@@ -48,10 +48,12 @@ def open_spec(spec: StoreSpec) -> Datastore:
     return open_store(spec.backend, spec.location, spec.domain, **spec.connection())
 
 
-def create_spec(spec: StoreSpec, info: StoreInfo, index: IndexSpec | None = None) -> Datastore:
-    """Create a new, empty store (refused if one exists) with ``index``."""
+def create_spec(spec: StoreSpec, info: StoreInfo, index: IndexSpec | None = None, projection=None) -> Datastore:
+    """Create a new, empty store (refused if one exists) with ``index``; ``projection`` (a fitted
+    ``projection.Projection``): the store keeps keys projected by it."""
+    extra = {"projection": projection} if projection is not None else {}
     return create_store(spec.backend, spec.location, info, domain=spec.domain, **spec.connection(),
-                        **_index_options(spec, index))
+                        **_index_options(spec, index), **extra)
 
 
 def open_or_create(spec: StoreSpec, info: StoreInfo, index: IndexSpec | None = None) -> Datastore:

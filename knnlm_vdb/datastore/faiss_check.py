@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from knnlm_vdb.datastore.base import info_damage, is_int, typed_damage
+from knnlm_vdb.datastore.faiss_index import INDEX_TYPES, TRAINED
 from knnlm_vdb.datastore.ledger import CHUNK_TARGETS, chunk_range
 from knnlm_vdb.errors import Incompatible, NotFound
+from knnlm_vdb.projection import stored_dim
 
 KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 ROW_FILES = ("keys.bin", "values.bin", "ids.bin")
@@ -72,14 +74,17 @@ def check_meta(meta) -> list[Finding]:
     else:
         for field, want in typed_damage(index, _INDEX_FIELDS):
             missing(f"index.{field}", want)
-        if index.get("type") not in ("flat", "ivfpq"):
-            missing("index.type", "flat or ivfpq")
+        if index.get("type") not in INDEX_TYPES:
+            missing("index.type", " or ".join(INDEX_TYPES))
+    proj = meta.get("projection")
+    if proj is not None and (not isinstance(proj, dict) or typed_damage(proj, {"dim_in": int, "dim_out": int})):
+        missing("projection", "an object with int dim_in and dim_out")
     return out
 
 
 def row_widths(meta: dict) -> dict[str, int]:
     """Bytes per row of each row file."""
-    key_width = meta["info"]["dim"] * np.dtype(KEY_DTYPES[meta["key_dtype"]]).itemsize
+    key_width = stored_dim(meta) * np.dtype(KEY_DTYPES[meta["key_dtype"]]).itemsize
     return {"keys.bin": key_width, "values.bin": 4, "ids.bin": 8}
 
 
@@ -156,7 +161,7 @@ def check_index_meta(path: Path, meta: dict) -> list[Finding]:
     if spec["indexed_count"] > n:
         out.append(Finding("index:ahead_of_rows", f"meta.json says {spec['indexed_count']} rows are indexed, "
                                                   f"but only {n} are committed"))
-    if spec["type"] == "ivfpq" and spec["indexed_count"] > 0 and not (path / "index.faiss").is_file():
+    if spec["type"] in TRAINED and spec["indexed_count"] > 0 and not (path / "index.faiss").is_file():
         out.append(Finding("index.faiss:missing", f"index.faiss is missing ({spec['indexed_count']} rows were "
                                                   f"indexed)", repair=INDEX_REPAIR))
     return out
@@ -208,7 +213,7 @@ def load_meta(path: Path) -> tuple[dict | None, list[Finding]]:
 def check_contents(path: Path, meta: dict, docs: dict | None, chunk: int = 1 << 16) -> list[Finding]:
     """The full scan ``check`` adds: values in the vocabulary, ids positive and distinct, keys
     finite, the ledger's rows present, the index readable and no larger than the rows."""
-    n, dim, vocab = meta["count"], meta["info"]["dim"], meta["info"]["vocab_size"]
+    n, dim, vocab = meta["count"], stored_dim(meta), meta["info"]["vocab_size"]
     out = []
     values = np.fromfile(path / "values.bin", dtype=np.int32, count=n)
     bad = int(((values < 0) | (values >= vocab)).sum())

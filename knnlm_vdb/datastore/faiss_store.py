@@ -1,12 +1,14 @@
-"""FAISS datastore: keys and values in flat files on disk, an exact or IVFPQ index over them.
+"""FAISS datastore: keys and values in flat files on disk, an exact or compressed index over them.
 
 Layout of a datastore directory::
 
     meta.json     what it was built with, the committed row count, the index spec
-    keys.bin      [count, dim] float16 or float32, row-major   (memory-mapped)
+    keys.bin      [count, dim] float16 or float32, row-major   (memory-mapped; dim is the
+                  projection's output dimension when the store has one)
     values.bin    [count] int32 next-token ids
     ids.bin       [count] int64 deterministic entry ids (see base.entry_ids)
-    index.faiss   the trained IVFPQ index (IVFPQ only; the exact index is rebuilt on open)
+    index.faiss   the trained SQ8 / PQ / IVFPQ index (the exact index is rebuilt on open)
+    projection.npz  the learned key projection (only with ``projection``; see projection.py)
 
 Appends write data first and commit ``count`` in meta.json last, by atomic rename. Bytes
 past the committed count are leftovers of a crashed writer and are cut off on the next
@@ -23,14 +25,17 @@ import numpy as np
 
 from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
 from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_sizes, open_meta, read_index, refusal
+from knnlm_vdb.datastore.faiss_index import (INDEX_TYPES, TRAINED, bytes_per_entry, check_options, default_nlist,
+                                             default_pq_m, exact_distances, min_train_rows, train)
 from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError
 from knnlm_vdb.io import atomic_write_json
+from knnlm_vdb.projection import Projection, check_project_dim
 from knnlm_vdb.settings import MAX_K
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-INDEX_TYPES = ("flat", "ivfpq")
+__all__ = ["FaissDatastore", "INDEX_TYPES", "default_nlist", "default_pq_m"]
 
 
 def _gpu_resources():
@@ -40,19 +45,6 @@ def _gpu_resources():
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         return faiss.StandardGpuResources()
     return None
-
-
-def default_nlist(n: int) -> int:
-    """A power of two near 4·√n, with at least 39 training points per list (faiss's minimum)."""
-    nlist = 2 ** max(0, round(math.log2(max(1.0, 4 * math.sqrt(n)))))
-    while nlist > 1 and n < 39 * nlist:
-        nlist //= 2
-    return min(nlist, 65536)
-
-
-def default_pq_m(dim: int) -> int:
-    """Sub-quantizers for PQ: the largest divisor of dim that is at most 64 (64-byte codes, as in the paper)."""
-    return max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
 
 
 def _recover_interrupted_swap(path: Path) -> None:
@@ -68,7 +60,8 @@ def _recover_interrupted_swap(path: Path) -> None:
 
 
 class FaissDatastore(Datastore):
-    """Exact (``IndexFlatL2``) or paper-style ``IndexIVFPQ`` search over on-disk keys."""
+    """Exact (``IndexFlatL2``) or compressed (SQ8, PQ, paper-style IVFPQ) search over on-disk keys,
+    optionally of projected keys: ``add`` and ``search`` take model-space vectors either way."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -76,6 +69,8 @@ class FaissDatastore(Datastore):
         self.meta = meta = open_meta(self.path, FORMAT_VERSION)
         self.info = StoreInfo.from_dict(meta["info"])
         self.key_dtype = KEY_DTYPES[self.meta["key_dtype"]]
+        summary = meta.get("projection")
+        self.projection = Projection.load(self.path / "projection.npz", summary) if summary else None
         self._index = None
         self._ids_set: set[int] | None = None
         self._gpu = None
@@ -85,21 +80,23 @@ class FaissDatastore(Datastore):
     @classmethod
     def create(cls, path: str | Path, info: StoreInfo, index: str = "flat", key_dtype: str = "float16",
                nlist: int | None = None, pq_m: int | None = None, nprobe: int = 32,
-               recompute: bool = False, domain: str = "default") -> "FaissDatastore":
-        if index not in INDEX_TYPES:
-            raise KnnlmError(f"unknown FAISS --index {index!r}: use one of {', '.join(INDEX_TYPES)}")
-        if key_dtype not in KEY_DTYPES:
-            raise KnnlmError(f"unknown --key-dtype {key_dtype!r}: use float16 or float32")
-        if pq_m is not None and info.dim % pq_m:
-            raise KnnlmError(f"--pq-m {pq_m} must divide the key dimension {info.dim}")
-        if nprobe < 1 or (nlist is not None and (nlist < 1 or nprobe > nlist)):
-            raise KnnlmError(f"need 1 <= --nprobe ({nprobe}) <= --nlist ({nlist})")
+               recompute: bool = False, domain: str = "default",
+               projection: Projection | None = None) -> "FaissDatastore":
+        """``projection``: store keys projected by it (fitted beforehand, see projection.py)."""
+        if projection is not None:
+            check_project_dim(projection.dim_out, info.dim)
+            if projection.dim_in != info.dim:
+                raise InvalidInput(f"the projection maps from dimension {projection.dim_in}, keys have {info.dim}")
+        check_options(projection.dim_out if projection else info.dim, index, key_dtype, KEY_DTYPES, nlist, pq_m,
+                      nprobe)
         path = Path(path)
         if (path / "meta.json").exists():
             raise KnnlmError(f"a datastore already exists at {path}; use `knnlm-vdb append` or another --out")
         path.mkdir(parents=True, exist_ok=True)
         for name in ("keys.bin", "values.bin", "ids.bin"):
             (path / name).write_bytes(b"")
+        if projection is not None:
+            projection.save(path / "projection.npz")
         meta = {
             "format_version": FORMAT_VERSION,
             "domain": domain,
@@ -109,6 +106,8 @@ class FaissDatastore(Datastore):
             "index": {"type": index, "nlist": nlist, "pq_m": pq_m, "nprobe": nprobe,
                       "recompute": recompute, "indexed_count": 0},
         }
+        if projection is not None:
+            meta["projection"] = projection.summary()
         atomic_write_json(path / "meta.json", meta)
         return cls(path)
 
@@ -123,7 +122,15 @@ class FaissDatastore(Datastore):
 
     @property
     def dim(self) -> int:
-        return self.info.dim
+        """Dimension of the stored keys (the projection's output when there is one)."""
+        return self.projection.dim_out if self.projection is not None else self.info.dim
+
+    def to_stored(self, vectors: np.ndarray) -> np.ndarray:
+        """Model-space keys or queries -> the stored space (projected, float32)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.info.dim:
+            raise KnnlmError(f"vectors have shape {vectors.shape}, datastore dimension is {self.info.dim}")
+        return self.projection.apply(vectors) if self.projection is not None else np.ascontiguousarray(vectors)
 
     def count(self) -> int:
         return int(self.meta["count"])
@@ -155,6 +162,10 @@ class FaissDatastore(Datastore):
                     f.truncate(n * width)
 
     def add(self, ids, keys, values, doc_ids=None, positions=None) -> int:
+        return self.add_stored(ids, self.to_stored(keys), values)
+
+    def add_stored(self, ids, keys, values) -> int:
+        """``add`` for keys already in the stored space (copies between stores of one projection)."""
         ids = np.asarray(ids, dtype=np.int64)
         keys = np.asarray(keys)
         values = np.asarray(values, dtype=np.int32)
@@ -197,31 +208,15 @@ class FaissDatastore(Datastore):
         self._index.add(np.ascontiguousarray(keys, dtype=np.float32))
 
     def train(self, sample_size: int = 200_000, seed: int = 0) -> None:
-        """Train and fill the IVFPQ index from the stored keys (no-op for the exact index)."""
+        """Train and fill a compressed index from the stored keys (no-op for the exact index)."""
         import faiss
 
         spec = self.index_spec
-        if spec["type"] != "ivfpq":
+        if spec["type"] not in TRAINED:
             return
-        n = self.count()
-        nlist = spec["nlist"] or default_nlist(n)
-        m = spec["pq_m"] or default_pq_m(self.dim)
-        if n < 39 * nlist:
-            raise KnnlmError(f"IVFPQ with nlist={nlist} needs at least {39 * nlist} entries to train, "
-                             f"the datastore has {n}; use --index flat or a smaller --nlist")
-        if spec["nprobe"] > nlist:
-            raise KnnlmError(f"--nprobe {spec['nprobe']} exceeds nlist {nlist}")
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n, size=min(n, max(sample_size, 39 * nlist)), replace=False))
-        sample = np.ascontiguousarray(self.keys()[rows], dtype=np.float32)
-        log.info("training IVF%d,PQ%d on %d of %d keys", nlist, m, len(sample), n)
-        index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{m}")
-        index.train(sample)
-        for chunk in self._key_chunks(0):
-            index.add(chunk)
+        index = train(self.keys(), spec, self.dim, sample_size, seed)
         faiss.write_index(index, str(self.path / "index.faiss.tmp"))
         os.replace(self.path / "index.faiss.tmp", self.path / "index.faiss")
-        spec.update(nlist=nlist, pq_m=m, indexed_count=n)
         atomic_write_json(self.path / "meta.json", self.meta)
         self._index = None
 
@@ -243,7 +238,8 @@ class FaissDatastore(Datastore):
             if index.ntotal < n:  # rows appended after the last index write: add them now
                 for chunk in self._key_chunks(index.ntotal):
                     index.add(chunk)
-            index.nprobe = spec["nprobe"]
+            if spec["type"] == "ivfpq":
+                index.nprobe = spec["nprobe"]
         res = _gpu_resources()
         if res is not None:
             try:
@@ -256,11 +252,11 @@ class FaissDatastore(Datastore):
         return index
 
     def flush(self) -> None:
-        """Persist IVFPQ codes for rows added since the last index write."""
+        """Persist compressed codes for rows added since the last index write."""
         import faiss
 
         spec = self.index_spec
-        if spec["type"] != "ivfpq" or spec["indexed_count"] == self.count() or not (self.path / "index.faiss").exists():
+        if spec["type"] not in TRAINED or spec["indexed_count"] == self.count() or not (self.path / "index.faiss").exists():
             return
         index = self._index if self._index is not None else self._load_index()
         if self._gpu is not None:
@@ -271,17 +267,15 @@ class FaissDatastore(Datastore):
         atomic_write_json(self.path / "meta.json", self.meta)
 
     def finalize(self) -> None:
-        """Train the IVFPQ index once the rows are in (an exact index needs nothing); persist codes."""
-        if self.index_spec["type"] == "ivfpq" and not (self.path / "index.faiss").exists():
+        """Train the compressed index once the rows are in (an exact index needs nothing); persist codes."""
+        if self.index_spec["type"] in TRAINED and not (self.path / "index.faiss").exists():
             self.train()
         self.flush()
 
     def search(self, queries: np.ndarray, k: int):
         if not 1 <= k <= MAX_K:  # the padding below is [n, k]: k=1e9 would try to allocate GiBs
             raise InvalidInput(f"--k must be a positive integer at most {MAX_K}, got {k}")
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise KnnlmError(f"queries have shape {queries.shape}, datastore dimension is {self.dim}")
+        queries = self.to_stored(queries)
         n = self.count()
         if n == 0:
             return (np.full((len(queries), k), np.inf, np.float32), np.full((len(queries), k), MISSING_VALUE, np.int32))
@@ -289,44 +283,42 @@ class FaissDatastore(Datastore):
         if self._values is None or len(self._values) != n:
             self._values = self.values()
         dist, rows = index.search(queries, min(k, n))
-        if self.index_spec["type"] == "ivfpq" and self.index_spec["recompute"]:
-            dist = self._exact_distances(queries, rows)
+        if self.index_spec["type"] in TRAINED and self.index_spec["recompute"]:
+            dist = exact_distances(self.keys(), queries, rows)
             order = np.argsort(dist, axis=1, kind="stable")
             dist, rows = np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
         valid = rows >= 0
         values = np.where(valid, self._values[np.where(valid, rows, 0)], MISSING_VALUE).astype(np.int32)
         dist = np.where(valid, dist, np.inf).astype(np.float32)
+        if self.projection is not None:
+            dist = self.projection.scale_distances(dist)
         if dist.shape[1] < k:
             pad = k - dist.shape[1]
             dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
             values = np.pad(values, ((0, 0), (0, pad)), constant_values=MISSING_VALUE)
         return dist, values
 
-    def _exact_distances(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """The paper's option: re-score approximate candidates with their full-precision keys."""
-        keys = self.keys()
-        safe = np.where(rows >= 0, rows, 0)
-        flat = safe.reshape(-1)
-        uniq, inverse = np.unique(flat, return_inverse=True)
-        cand = np.asarray(keys[uniq], dtype=np.float32)[inverse].reshape(rows.shape + (self.dim,))
-        d = ((cand - queries[:, None, :]) ** 2).sum(-1)
-        return np.where(rows >= 0, d, np.inf).astype(np.float32)
-
     def copy_to(self, path: str | Path, chunk: int = 65536, **index_options) -> "FaissDatastore":
         """A new datastore with the same rows and another index (``index=``, ``nlist=``, ...); trained if IVFPQ."""
         options = {"index": self.index_spec["type"], "key_dtype": self.meta["key_dtype"],
-                   "domain": self.meta.get("domain", "default"), **index_options}
+                   "domain": self.meta.get("domain", "default"), "projection": self.projection, **index_options}
         dst = FaissDatastore.create(path, self.info, **options)
         keys, values, ids = self.keys(), self.values(), self.ids()
+        same_space = dst.projection is self.projection
         for i in range(0, self.count(), chunk):
-            dst.add(ids[i:i + chunk], keys[i:i + chunk], values[i:i + chunk])
+            if same_space:
+                dst.add_stored(ids[i:i + chunk], keys[i:i + chunk], values[i:i + chunk])
+            else:  # only an unprojected store's keys are model-space keys
+                if self.projection is not None:
+                    raise InvalidInput("a projected datastore cannot be copied into another projection")
+                dst.add(ids[i:i + chunk], keys[i:i + chunk], values[i:i + chunk])
         dst.train()
         return dst
 
     def search_rows(self, queries: np.ndarray, k: int):
         """Distances and row numbers (not values) of the ``k`` nearest keys, -1 where unfilled."""
         index = self._index if self._index is not None else self._load_index()
-        return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return index.search(self.to_stored(queries), k)
 
     def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
         from knnlm_vdb.datastore.faiss_provenance import nearest_entries
@@ -354,13 +346,14 @@ class FaissDatastore(Datastore):
         spec = self.index_spec
         dst = FaissDatastore.create(tmp, self.info, index=spec["type"], key_dtype=self.meta["key_dtype"],
                                     nlist=spec["nlist"], pq_m=spec["pq_m"], nprobe=spec["nprobe"],
-                                    recompute=spec["recompute"], domain=self.meta.get("domain", "default"))
+                                    recompute=spec["recompute"], domain=self.meta.get("domain", "default"),
+                                    projection=self.projection)
         keep = np.flatnonzero(~doomed)
         keys, values, ids_all = self.keys(), self.values(), self.ids()
         for i in range(0, len(keep), 65536):
             rows = keep[i:i + 65536]
-            dst.add(ids_all[rows], keys[rows], values[rows])
-        if spec["type"] == "ivfpq" and dst.count() >= 39 * (spec["nlist"] or 1):
+            dst.add_stored(ids_all[rows], keys[rows], values[rows])
+        if spec["type"] in TRAINED and dst.count() >= min_train_rows(spec, dst.count(), dst.dim):
             dst.train()
         if (self.path / "ledger.json").exists():
             shutil.copy2(self.path / "ledger.json", tmp / "ledger.json")
@@ -389,5 +382,9 @@ class FaissDatastore(Datastore):
             "tokenizer": self.info.tokenizer,
             "key_dtype": self.meta["key_dtype"],
             "index": dict(self.index_spec),
+            "projection": self.projection.summary() if self.projection is not None else None,
+            "stored_dim": self.dim,
+            "bytes_per_entry": bytes_per_entry(self.index_spec, self.dim,
+                                               self.dim * np.dtype(self.key_dtype).itemsize),
             "extra": dict(self.info.extra),
         }

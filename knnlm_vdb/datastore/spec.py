@@ -16,7 +16,7 @@ from knnlm_vdb.errors import InvalidInput
 BACKENDS = ("faiss", "milvus")
 
 # CLI-style name -> Milvus index build / search parameter name
-_MILVUS_BUILD = {"nlist": "nlist", "M": "M", "ef_construction": "efConstruction"}
+_MILVUS_BUILD = {"nlist": "nlist", "pq_m": "m", "M": "M", "ef_construction": "efConstruction"}
 _MILVUS_SEARCH = {"ef": "ef"}
 
 
@@ -61,9 +61,10 @@ class IndexSpec:
     backend: str
     type: str
     nlist: int | None = None
-    pq_m: int | None = None  # FAISS IVFPQ sub-quantizers
+    pq_m: int | None = None  # PQ sub-quantizers (code bytes): FAISS pq/ivfpq, Milvus IVF_PQ m
     nprobe: int | None = None
-    recompute: bool = False  # FAISS IVFPQ: re-score candidates with exact keys
+    recompute: bool = False  # FAISS sq8/pq/ivfpq: re-score candidates with the stored keys
+    project_dim: int | None = None  # learned key projection (PCA) to this dimension, fitted at build
     key_dtype: str = "float16"  # FAISS key storage
     M: int | None = None  # HNSW graph degree (Milvus)
     ef_construction: int | None = None  # HNSW build beam (Milvus)
@@ -75,18 +76,26 @@ class IndexSpec:
     def from_options(cls, backend: str, index: str, nlist: int | None = None, pq_m: int | None = None,
                      nprobe: int | None = None, recompute: bool = False, key_dtype: str = "float16",
                      M: int | None = None, ef_construction: int | None = None, ef: int | None = None,
-                     params: Mapping | None = None, search: Mapping | None = None) -> "IndexSpec":
-        """CLI-style options -> the spec: FAISS index names are lower case (flat, ivfpq), Milvus ones
-        upper case (FLAT, IVF_FLAT, HNSW); nprobe only means something to a Milvus IVF index."""
+                     params: Mapping | None = None, search: Mapping | None = None,
+                     project_dim: int | None = None) -> "IndexSpec":
+        """CLI-style options -> the spec: FAISS index names are lower case (flat, sq8, pq, ivfpq), Milvus
+        ones upper case (FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW); nprobe only means something to a Milvus
+        IVF index. What needs the key dimension is checked here only against ``project_dim``."""
         check_backend(backend)
+        if project_dim is not None and (isinstance(project_dim, bool) or not isinstance(project_dim, int)
+                                        or project_dim < 1):
+            raise InvalidInput(f"--project-dim must be a positive integer, got {project_dim!r}")
+        if pq_m is not None and (pq_m < 1 or (project_dim and project_dim % pq_m)):
+            raise InvalidInput(f"--pq-m {pq_m} must divide the key dimension {project_dim}")
         if backend == "faiss":
             return cls(backend, index.lower(), nlist=nlist, pq_m=pq_m, nprobe=nprobe, recompute=recompute,
                        key_dtype=key_dtype, params=MappingProxyType(dict(params or {})),
-                       search=MappingProxyType(dict(search or {})))
+                       search=MappingProxyType(dict(search or {})), project_dim=project_dim)
         itype = index.upper()
         return cls(backend, itype, nlist=nlist, nprobe=nprobe if "IVF" in itype else None, key_dtype=key_dtype,
-                   M=M, ef_construction=ef_construction, ef=ef, params=MappingProxyType(dict(params or {})),
-                   search=MappingProxyType(dict(search or {})))
+                   pq_m=pq_m if "PQ" in itype else None, M=M, ef_construction=ef_construction, ef=ef,
+                   params=MappingProxyType(dict(params or {})), search=MappingProxyType(dict(search or {})),
+                   project_dim=project_dim)
 
     def options(self) -> dict:
         """The keyword arguments the backend's ``create`` takes."""

@@ -22,6 +22,7 @@ from knnlm_vdb.datastore.milvus.index import DOC_ID_INDEX_TYPES, IndexConfig
 from knnlm_vdb.datastore.milvus.naming import (CREATE_TOKEN_PROPERTY, DOC_ID_MAX_BYTES, META_PROPERTY, alias_name,
                                                collection_name)
 from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.projection import stored_dim
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def create_domain(client, uri: str, domain: str, meta: dict, index: IndexConfig,
     try:
         try:
             with quiet_pymilvus() if exist_ok else nullcontext():
-                create_collection(client, physical, int(meta["info"]["dim"]), index, consistency, meta,
+                create_collection(client, physical, stored_dim(meta), index, consistency, meta,
                                   deployment=deployment, create_token=token)
         except Exception:
             # Milvus Lite fails a concurrent create before the winner's collection is listed

@@ -1,7 +1,12 @@
 """Milvus index types and their parameters: validated before anything reaches Milvus.
 
-Milvus Lite (3.2) builds FLAT, IVF_FLAT and HNSW (every Lite release does; later ones also
-IVF_SQ8 and HNSW_SQ); a CPU server also IVF_SQ8 and IVF_PQ, a GPU server the GPU_* types.
+Milvus Lite 3.2.2 builds FLAT, IVF_FLAT, HNSW and IVF_SQ8 (and HNSW_SQ); it creates an IVF_PQ
+collection but its index build then fails ("reserved for a future phase") and searches stay
+brute force, so IVF_PQ is refused on Lite. A CPU server builds FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ
+and HNSW (2.3.5 checked), a GPU server the GPU_* types.
+Vector types other than FLOAT_VECTOR (FLOAT16, BFLOAT16, INT8, BINARY) are refused by Milvus
+Lite 3.2.2 and FLOAT16/BFLOAT16 need a 2.4+ server, so keys are always float32 vectors here;
+compression comes from the index (IVF_SQ8, IVF_PQ) and the key projection (projection.py).
 Scalar indexes on ``doc_id``: Lite builds only INVERTED, a 2.3 server only Trie for VARCHAR.
 """
 from __future__ import annotations
@@ -19,7 +24,7 @@ MAX_NQ = 16384  # and more than 16384 query vectors per search
 # a 2.3 server only Trie for VARCHAR (INVERTED arrived in 2.4, which still builds Trie).
 DOC_ID_INDEX_TYPES = {"lite": ("INVERTED",), "server": ("Trie", "INVERTED")}
 
-LITE_INDEXES = ("FLAT", "IVF_FLAT", "HNSW")
+LITE_INDEXES = ("FLAT", "IVF_FLAT", "HNSW", "IVF_SQ8")
 CPU_INDEXES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW")
 GPU_INDEXES = ("GPU_CAGRA", "GPU_IVF_FLAT", "GPU_IVF_PQ", "GPU_BRUTE_FORCE")
 # Whether a server has GPU indexes is only known once it answers, so plain "server" allows both.
@@ -77,6 +82,18 @@ class IndexConfig:
         elif "nlist" in self.build_params:
             params.setdefault("nprobe", min(32, self.build_params["nlist"]))
         return {"metric_type": "L2", "params": params}
+
+    def bytes_per_entry(self, dim: int) -> dict:
+        """Estimated bytes one entry of ``dim``-d keys costs in the loaded index, by part: ``vectors``
+        (raw float32, SQ8 bytes or PQ codes), ``index`` (an 8-byte id per IVF list entry, HNSW's
+        2·M level-0 links of 4 bytes), ``payload`` (id, target and position fields; doc_id strings
+        are extra), ``total``; ``raw_stored`` the float32 key Milvus keeps in storage besides."""
+        b = self.build_params
+        vectors = {"IVF_SQ8": dim, "IVF_PQ": -(-b.get("m", dim) * b.get("nbits", 8) // 8),
+                   "GPU_IVF_PQ": -(-b.get("m", dim) * b.get("nbits", 8) // 8)}.get(self.index_type, 4 * dim)
+        index = 8 if "IVF" in self.index_type else 8 * b.get("M", 0) if self.index_type == "HNSW" else 0
+        return {"vectors": vectors, "index": index, "payload": 20, "total": vectors + index + 20,
+                "raw_stored": 4 * dim}
 
     def to_dict(self) -> dict:
         return {"type": self.index_type, "build_params": dict(self.build_params),

@@ -8,6 +8,11 @@ move, then drops the old collection (or keeps it, marked retired, with ``keep_ol
 collection is not behind the alias and stays as it is; the metadata (model, tuned settings) moves
 with the alias. Deleting rows (``append --replace``) while a reindex runs may leave the deleted
 rows in the new collection.
+
+``project_dim`` also compresses the keys: a projection (projection.py) is fitted on the first
+``SAMPLE_ROWS`` keys of the old collection, every copied key is projected, and the new
+collection holds ``project_dim``-d keys; queries are projected from then on (the projection
+moves with the metadata). Only a domain without a projection can be projected.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from knnlm_vdb.datastore.milvus.naming import (META_PROPERTY, RETIRED_PROPERTY, 
                                                collection_name, generation_pattern, row_bytes)
 from knnlm_vdb.datastore.milvus.store import ID_CHECK_BATCH, INSERT_BATCH_BYTES
 from knnlm_vdb.datastore.milvus.versions import check_schema_version
-from knnlm_vdb.errors import KnnlmError
+from knnlm_vdb.errors import InvalidInput, KnnlmError
+from knnlm_vdb.projection import SAMPLE_ROWS, Projection, check_project_dim, stored_dim
 from knnlm_vdb.settings import CONSISTENCY_LEVELS
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,25 @@ def _ids(client, name: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def _copy_ids(client, src: str, dst: str, ids: np.ndarray, batch: int) -> int:
+def _projected(rows: list[dict], projection: Projection | None) -> list[dict]:
+    """Rows with their keys projected (unchanged without a projection)."""
+    if projection is None or not rows:
+        return rows
+    keys = projection.apply(np.asarray([r["key"] for r in rows], dtype=np.float32))
+    return [{**r, "key": k} for r, k in zip(rows, keys)]
+
+
+def _fit(client, name: str, dim_out: int, rows: int) -> Projection:
+    parts, n = [], 0
+    for batch in iterate_rows(client, name, ["id", "key"], 4096):
+        parts.append(np.asarray([r["key"] for r in batch], dtype=np.float32))
+        n += len(batch)
+        if n >= rows:
+            break
+    return Projection.fit(np.concatenate(parts)[:rows], dim_out)
+
+
+def _copy_ids(client, src: str, dst: str, ids: np.ndarray, batch: int, projection: Projection | None = None) -> int:
     """Upsert the rows ``ids`` of ``src`` into ``dst``; return how many were found."""
     n = 0
     step = min(batch, ID_CHECK_BATCH)
@@ -46,7 +70,7 @@ def _copy_ids(client, src: str, dst: str, ids: np.ndarray, batch: int) -> int:
         rows = client.query(src, filter=f"id in {ids[i:i + step].tolist()}", output_fields=ROW_FIELDS,
                             consistency_level="Strong")
         if rows:
-            client.upsert(dst, rows)
+            client.upsert(dst, _projected(rows, projection))
             n += len(rows)
     return n
 
@@ -54,7 +78,8 @@ def _copy_ids(client, src: str, dst: str, ids: np.ndarray, batch: int) -> int:
 def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = None,
             search_params: dict | None = None, keep_old: bool = False, token: str | None = None,
             timeout: float | None = None, db_name: str | None = None, show_progress: bool = False,
-            index_timeout_s: float = 3600.0, drop_delay_s: float = 2.0) -> dict:
+            index_timeout_s: float = 3600.0, drop_delay_s: float = 2.0, project_dim: int | None = None,
+            sample_rows: int = SAMPLE_ROWS) -> dict:
     """Rebuild ``domain`` with another index into a new collection and swap the alias (module doc)."""
     from tqdm.auto import tqdm
 
@@ -77,7 +102,15 @@ def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = 
                 raise KnnlmError(f"Milvus collection {desc.get('collection_name')} was not created by knnlm-vdb")
             old = desc["collection_name"]
             ensure_loaded(client, old)  # Lite forgets loads between processes; iterators need it
-            dim = int(meta["info"]["dim"])
+            dim = stored_dim(meta)  # of the stored keys (a projection's output); they are copied as they are
+            projection = None
+            if project_dim is not None:
+                if meta.get("projection"):
+                    raise InvalidInput(f"domain {domain!r} already stores projected keys ({dim}-d); "
+                                       f"rebuild it to project them again")
+                check_project_dim(project_dim, dim)
+                projection = _fit(client, old, project_dim, sample_rows)
+                dim = project_dim
             tuned_k = (meta["info"].get("extra") or {}).get("tuned", {}).get("k")
             index = validate_index(index_type, index_params, search_params, deployment=deployment, dim=dim,
                                       k=int(tuned_k) if tuned_k else None)
@@ -94,16 +127,17 @@ def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = 
             consistency = desc.get("consistency_level_name") or "Strong"
             if consistency not in CONSISTENCY_LEVELS:
                 consistency = "Strong"
-            new_meta = {**meta, "index": index.to_dict(), "generation": generation}
+            moved = {"projection": projection.to_dict()} if projection is not None else {}
+            new_meta = {**meta, **moved, "index": index.to_dict(), "generation": generation}
             create_collection(client, new, dim, index, consistency, new_meta, deployment=deployment)
 
             # bulk copy: a consistent snapshot of the old collection
             total = count_rows(client, old)
-            batch = int(max(64, min(16384, INSERT_BATCH_BYTES // row_bytes(dim))))
+            batch = int(max(64, min(16384, INSERT_BATCH_BYTES // row_bytes(stored_dim(meta)))))
             bar = tqdm(total=total, unit="row", desc="copy", disable=not show_progress)
             copied = 0
             for rows in iterate_rows(client, old, ROW_FIELDS, batch):
-                client.insert(new, rows)
+                client.insert(new, _projected(rows, projection))
                 copied += len(rows)
                 bar.update(len(rows))
             bar.close()
@@ -120,7 +154,7 @@ def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = 
                 old_ids, new_ids = _ids(client, old), _ids(client, new)
                 missing = np.setdiff1d(old_ids, new_ids)
                 extra = np.setdiff1d(new_ids, old_ids)
-                caught_up += _copy_ids(client, old, new, missing, batch)
+                caught_up += _copy_ids(client, old, new, missing, batch, projection)
                 for i in range(0, len(extra), ID_CHECK_BATCH):
                     client.delete(new, ids=extra[i:i + ID_CHECK_BATCH].tolist())
                 n_old, n_new = count_rows(client, old), count_rows(client, new)
@@ -133,14 +167,14 @@ def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = 
             ensure_loaded(client, new)
             # the metadata as it is now (tune may have stored settings meanwhile), then the swap
             _, meta_now = read_meta(client, old)
-            new_meta = {**meta_now, "index": index.to_dict(), "generation": generation}
+            new_meta = {**meta_now, **moved, "index": index.to_dict(), "generation": generation}
             client.alter_collection_properties(new, properties={META_PROPERTY: json.dumps(new_meta, sort_keys=True)})
             client.alter_alias(new, alias)
             swapped = True
             log.info("domain %s now reads %s (%s); was %s", domain, new, index.index_type, old)
             # rows written to the old collection just before the swap took effect
             stragglers = np.setdiff1d(np.setdiff1d(_ids(client, old), old_ids), _ids(client, new))
-            caught_up += _copy_ids(client, old, new, stragglers, batch)
+            caught_up += _copy_ids(client, old, new, stragglers, batch, projection)
             count = count_rows(client, new)
             if keep_old:
                 client.alter_collection_properties(old, properties={RETIRED_PROPERTY: json.dumps(
@@ -159,5 +193,6 @@ def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = 
     finally:
         client.close()
     return {"domain": domain, "from": old, "to": new, "kept_old": keep_old, "count": count, "copied": copied,
-            "caught_up": caught_up, "index": index.to_dict(), "copy_seconds": round(t_copy - t0, 3),
+            "caught_up": caught_up, "index": index.to_dict(),
+            "projection": projection.summary() if projection is not None else None, "copy_seconds": round(t_copy - t0, 3),
             "index_seconds": round(t_index - t_copy, 3), "seconds": round(time.perf_counter() - t0, 3)}

@@ -29,8 +29,10 @@ from knnlm_vdb.datastore.milvus.index import MAX_NQ, IndexConfig, check_consiste
 from knnlm_vdb.datastore.milvus.ledger import MilvusLedger
 from knnlm_vdb.datastore.milvus.naming import (DOC_ID_MAX_BYTES, FORMAT_VERSION, META_PROPERTY, alias_name,
                                                check_domain, row_bytes)
+from knnlm_vdb.datastore.milvus.options import REOPEN_OPTIONS, split_options
 from knnlm_vdb.datastore.milvus.versions import check_schema_version
-from knnlm_vdb.errors import Incompatible, KnnlmError
+from knnlm_vdb.errors import Incompatible, InvalidInput, KnnlmError
+from knnlm_vdb.projection import Projection, check_project_dim, stored_dim
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +47,6 @@ LITE_SCRATCH_BYTES = 512 << 20
 LITE_MEMTABLE_BYTES = 128 << 20
 LITE_SEGMENT_ROWS = 100_000
 
-CONN_OPTIONS = ("token", "timeout", "db_name")
-INDEX_OPTIONS = ("index_type", "index_params", "search_params", "consistency", "k")
-# How the store talks to Milvus; tests shrink them to force many small requests.
-TRANSFER_OPTIONS = ("rpc_budget_bytes", "insert_batch_bytes", "alias_wait_s")
-_REOPEN = CONN_OPTIONS + ("consistency", "k") + TRANSFER_OPTIONS
-
-
-def split_options(options: dict) -> tuple[dict, dict, dict]:
-    """``**options`` of open/create -> (connection, index, transfer) options; unknown names refused."""
-    unknown = sorted(set(options) - set(CONN_OPTIONS) - set(INDEX_OPTIONS) - set(TRANSFER_OPTIONS))
-    if unknown:
-        raise KnnlmError(f"unknown Milvus option(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(CONN_OPTIONS + INDEX_OPTIONS + TRANSFER_OPTIONS)}")
-    conn = {k: options[k] for k in CONN_OPTIONS if k in options}
-    idx = {k: options[k] for k in INDEX_OPTIONS if options.get(k) is not None}
-    transfer = {k: options[k] for k in TRANSFER_OPTIONS if options.get(k) is not None}
-    return conn, idx, transfer
-
-
 class MilvusDatastore(Datastore):
     """Keys of one domain in a Milvus collection, searched by squared L2 with the configured index."""
 
@@ -76,6 +59,8 @@ class MilvusDatastore(Datastore):
         self.name = name  # alias (or the collection itself): what every request names
         self.meta = meta
         self.info = StoreInfo.from_dict(meta["info"])
+        self.projection = Projection.from_dict(meta["projection"]) if meta.get("projection") else None
+        self.dim = stored_dim(meta)  # of the stored keys: the projection's output when there is one
         self.index = index
         self.consistency = consistency
         self.deployment = deployment_of(uri)
@@ -103,7 +88,8 @@ class MilvusDatastore(Datastore):
         ``index_params`` (build), ``search_params`` (ef, nprobe, ...), ``consistency``
         (default Strong), ``k`` (the neighbours searches will ask for, to check ef/itopk/limits
         now rather than at the first search), connection options ``token``, ``timeout``
-        (seconds to connect, default 10), ``db_name``, and ``TRANSFER_OPTIONS``. Everything is
+        (seconds to connect, default 10), ``db_name``, ``projection`` (a fitted ``Projection``:
+        the collection stores projected keys) and ``TRANSFER_OPTIONS``. Everything is
         validated before the server is contacted.
 
         ``exist_ok``: a domain that exists, or that another process creates at the same moment,
@@ -113,10 +99,17 @@ class MilvusDatastore(Datastore):
         check_domain(domain)
         consistency = check_consistency(idx.get("consistency", "Strong"))
         deployment = deployment_of(uri)
+        meta = {"format_version": FORMAT_VERSION, "domain": domain, "info": info.to_dict()}
+        projection = idx.get("projection")
+        if projection is not None:
+            check_project_dim(projection.dim_out, info.dim)
+            if projection.dim_in != info.dim:
+                raise InvalidInput(f"the projection maps from dimension {projection.dim_in}, keys have {info.dim}")
+            meta["projection"] = projection.to_dict()
         index = validate_index(idx.get("index_type", "FLAT"), idx.get("index_params"), idx.get("search_params"),
-                               k=idx.get("k"), deployment=deployment, dim=info.dim)
-        reopen = {k: v for k, v in options.items() if k in _REOPEN}
-        meta = {"format_version": FORMAT_VERSION, "domain": domain, "info": info.to_dict(), "index": index.to_dict()}
+                               k=idx.get("k"), deployment=deployment, dim=stored_dim(meta))
+        reopen = {k: v for k, v in options.items() if k in REOPEN_OPTIONS}
+        meta["index"] = index.to_dict()
         client = connect(uri, must_exist=False, **conn)
         try:
             with rpc(f"create domain {domain}", uri):
@@ -138,7 +131,7 @@ class MilvusDatastore(Datastore):
         For an existing domain only the connection options, ``consistency`` and ``k`` apply; its
         stored index stays as it is.
         """
-        reopen = {k: v for k, v in options.items() if k in _REOPEN}
+        reopen = {k: v for k, v in options.items() if k in REOPEN_OPTIONS}
         if deployment_of(uri) == "server" or is_lite_database(uri):
             try:
                 return cls.open(uri, domain, **reopen)
@@ -181,7 +174,7 @@ class MilvusDatastore(Datastore):
                                      f"reindex it to change them")
                 search = idx.get("search_params", stored.get("search_params") or {})
                 index = validate_index(stored["type"], stored["build_params"], search, k=idx.get("k"),
-                                       deployment=deployment_of(uri), dim=meta["info"]["dim"])
+                                       deployment=deployment_of(uri), dim=stored_dim(meta))
                 ensure_loaded(client, name)
             return cls(client, uri, domain, name, meta, index, consistency, **transfer)
         except BaseException:
@@ -189,6 +182,13 @@ class MilvusDatastore(Datastore):
             raise
 
     # ---- writing ----------------------------------------------------------------------------
+    def to_stored(self, vectors) -> np.ndarray:
+        """Model-space keys or queries -> the stored space (projected when the domain has a projection)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.info.dim:
+            raise KnnlmError(f"vectors have shape {vectors.shape}, datastore dimension is {self.info.dim}")
+        return self.projection.apply(vectors) if self.projection is not None else np.ascontiguousarray(vectors)
+
     def _physical(self) -> str:
         """The collection the alias points at now (re-read: a reindex may have swapped it)."""
         return self.client.describe_collection(self.name)["collection_name"]
@@ -208,11 +208,9 @@ class MilvusDatastore(Datastore):
         Rows are upserted, so two writers racing on the same ids still leave one row each.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        keys = np.asarray(keys, dtype=np.float32)
+        keys = self.to_stored(keys)
         values = np.asarray(values, dtype=np.int64).reshape(-1)
         n = len(ids)
-        if keys.ndim != 2 or keys.shape[1] != self.info.dim:
-            raise KnnlmError(f"keys have shape {keys.shape}, datastore dimension is {self.info.dim}")
         positions = np.full(n, -1, np.int64) if positions is None else np.asarray(positions, np.int64).reshape(-1)
         doc_ids = [""] * n if doc_ids is None else list(doc_ids)
         if not (len(keys) == len(values) == len(positions) == len(doc_ids) == n):
@@ -230,7 +228,7 @@ class MilvusDatastore(Datastore):
             new = np.array([i for i in first if int(ids[i]) not in existing], dtype=np.int64)
             if len(new) == 0:
                 return 0
-            per_row = row_bytes(self.info.dim, max(len(str(d)) for d in doc_ids))
+            per_row = row_bytes(self.dim, max(len(str(d)) for d in doc_ids))
             batch = max(1, self.insert_batch_bytes // per_row)
             for s in range(0, len(new), batch):
                 sel = new[s:s + batch]
@@ -300,13 +298,13 @@ class MilvusDatastore(Datastore):
     def queries_per_call(self, k: int) -> int:
         """Queries per search RPC: request and result under the RPC budget, Lite's scratch bounded."""
         budget = self.rpc_budget_bytes
-        nq = min(MAX_NQ, budget // (k * BYTES_PER_HIT), budget // (4 * self.info.dim))
+        nq = min(MAX_NQ, budget // (k * BYTES_PER_HIT), budget // (4 * self.dim))
         # Lite brute-forces FLAT collections and not-yet-indexed (growing) rows with an
         # nq × rows × dim scratch buffer. An indexed collection this process has not written to
         # has no growing rows (writers seal on close), so only the RPC budget applies; capping it
         # anyway made HNSW search ~0.35 s per 2 queries on a 408k-row domain instead of ~1.5 s per 256.
         if self.deployment == "lite" and (self.index.index_type == "FLAT" or self._rows_added_here):
-            row_bytes = 4 * self.info.dim
+            row_bytes = 4 * self.dim
             per_query = min(self._count_hint * row_bytes, max(LITE_MEMTABLE_BYTES, LITE_SEGMENT_ROWS * row_bytes))
             nq = min(nq, LITE_SCRATCH_BYTES // max(1, per_query))
         return max(1, nq)
@@ -314,9 +312,7 @@ class MilvusDatastore(Datastore):
     def _search(self, queries: np.ndarray, k: int, what: str) -> tuple[list, list]:
         """Ragged per-query distances and ``what`` ("target" values or "id"s), in RPC-sized batches."""
         request = self.index.search_request(k, self.deployment)
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.info.dim:
-            raise KnnlmError(f"queries have shape {queries.shape}, datastore dimension is {self.info.dim}")
+        queries = self.to_stored(queries)
         dists: list = []
         found: list = []
         step = self.queries_per_call(k)
@@ -331,7 +327,8 @@ class MilvusDatastore(Datastore):
         return dists, found
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return pad_results(*self._search(queries, k, "target"), k)
+        d, v = pad_results(*self._search(queries, k, "target"), k)
+        return (self.projection.scale_distances(d) if self.projection is not None else d), v
 
     def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but with the neighbours' entry ids (int64, -1 when unfilled): for recall checks."""
@@ -344,7 +341,7 @@ class MilvusDatastore(Datastore):
 
     def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
         """Provenance of each query's ``n`` nearest entries: the stored doc_id and position fields."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        queries = self.to_stored(queries)
         request = self.index.search_request(max(n, 1), self.deployment)
         step = self.queries_per_call(n)
         out = []
@@ -377,6 +374,9 @@ class MilvusDatastore(Datastore):
             "alias": self.name if physical != self.name else None,
             "count": self.count(),
             "dim": self.info.dim,
+            "stored_dim": self.dim,
+            "projection": self.projection.summary() if self.projection is not None else None,
+            "bytes_per_entry": self.index.bytes_per_entry(self.dim),
             "model": self.info.model,
             "key_type": self.info.key_type,
             "tokenizer": self.info.tokenizer,

@@ -1,0 +1,273 @@
+"""Compressed keys: bytes per entry against kNN-LM perplexity, for each storage form.
+
+    python benchmarks/compress.py --datastore cache/gen-pydocs-120000-flat --test-tokens 6000
+
+Reads an existing FAISS flat datastore (real pydocs keys; not rebuilt), runs the LM once over
+the first ``--test-tokens`` pydocs test tokens (and ``--valid-tokens`` valid tokens when no tune
+result is given) and caches queries, targets and LM log-probs in benchmarks/cache/compress/.
+Each form is then a new store filled with the same rows through the library (``add`` takes
+model-space keys and projects them when the form has a projection; ``search`` takes the
+model-space queries), and is scored with the exact store's tuned k, T and λ:
+
+* ``bytes_per_entry`` from the store's own ``describe()`` (vectors + index + payload [+ re-rank keys]);
+  ``key B`` is vectors + index, the issue's accounting (1,152 B fp16 keys, ~72 B paper IVFPQ);
+* recall@k: share of the exact top-k entries (by id) that the form returns in its top-k;
+* kNN-LM perplexity with the exact store's k/T/λ, and its change against the exact store;
+* ``dist ratio``: mean nearest-neighbour distance of the form over the exact one (does T still fit).
+
+Writes benchmarks/results/compress.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from common import CACHE, RESULTS, corpus_file, markdown_table, setup_logging, write_results
+
+from knnlm_vdb.datastore.faiss_index import exact_distances
+from knnlm_vdb.datastore.faiss_store import FaissDatastore
+from knnlm_vdb.evaluate import Neighbours, tune
+from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
+from knnlm_vdb.projection import SAMPLE_ROWS, Projection
+
+# name -> (backend, index, pq_m, project_dim, recompute)
+FORMS = {
+    "flat": ("faiss", "flat", None, None, False),
+    "sq8": ("faiss", "sq8", None, None, False),
+    "pq64": ("faiss", "pq", 64, None, False),
+    "pca288": ("faiss", "flat", None, 288, False),
+    "pca128": ("faiss", "flat", None, 128, False),
+    "pca64": ("faiss", "flat", None, 64, False),
+    "pca64+sq8": ("faiss", "sq8", None, 64, False),
+    "pca32+sq8": ("faiss", "sq8", None, 32, False),
+    "pca128+pq32": ("faiss", "pq", 32, 128, False),
+    "pca128+pq16": ("faiss", "pq", 16, 128, False),
+    "pca128+pq32+rerank": ("faiss", "pq", 32, 128, True),
+    "pca128+ivfpq32": ("faiss", "ivfpq", 32, 128, False),
+    "milvus:pca64+IVF_SQ8": ("milvus", "IVF_SQ8", None, 64, False),
+    "milvus:pca24+IVF_SQ8": ("milvus", "IVF_SQ8", None, 24, False),
+    "server:pca128+IVF_PQ16": ("server", "IVF_PQ", 16, 128, False),  # Milvus Lite 3.2.2 cannot build IVF_PQ
+    "server:pca128+IVF_PQ24": ("server", "IVF_PQ", 24, 128, False),
+}
+
+DEFAULT_FORMS = ("flat", "pca128", "pca64+sq8", "pca32+sq8", "pca128+pq32", "pca128+pq16", "milvus:pca24+IVF_SQ8",
+                 "milvus:pca64+IVF_SQ8", "server:pca128+IVF_PQ16", "pca128+pq32+rerank", "pca288", "sq8")
+
+
+def lm_pass(enc, split: str, n_tokens: int, tag: str) -> dict:
+    """Queries (float32), targets and LM log-probs of the first ``n_tokens`` targets of pydocs ``split``."""
+    path = CACHE / "compress" / f"{tag}-pydocs-{split}-{n_tokens}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = enc.tokenize(corpus_file("pydocs", split).read_text())[: n_tokens + 1]
+    parts: dict[str, list] = {}
+    for block in enc.encode(ids, with_logprobs=True):
+        for key in ("keys", "targets", "lm_logprobs"):
+            parts.setdefault(key, []).append(getattr(block, key))
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    np.savez(path, **out)
+    return out
+
+
+KS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def knnlm_ppl(data: dict, dist: np.ndarray, vals: np.ndarray, k: int, t: float, lam: float) -> float:
+    knn = knn_target_logprobs(dist[:, :k], vals[:, :k], data["targets"], t)
+    return perplexity(interpolate(data["lm_logprobs"], knn, lam))
+
+
+def search_ids(store, ids_of_rows: np.ndarray | None, queries: np.ndarray, k: int):
+    """(distances, values, entry ids) of the ``k`` nearest, in batches."""
+    out_d, out_v, out_i = [], [], []
+    for i in range(0, len(queries), 512):
+        q = queries[i:i + 512]
+        d, v = store.search(q, k)
+        if isinstance(store, FaissDatastore):
+            _, rows = store.search_rows(q, k)
+            if store.index_spec["type"] != "flat" and store.index_spec["recompute"]:  # the order search() used
+                order = np.argsort(exact_distances(store.keys(), store.to_stored(q), rows), axis=1, kind="stable")
+                rows = np.take_along_axis(rows, order, 1)
+            ids = ids_of_rows[np.where(rows >= 0, rows, 0)]
+        else:
+            _, ids = store.search_ids(q, k)
+        out_d.append(d), out_v.append(v), out_i.append(ids)
+    return np.concatenate(out_d), np.concatenate(out_v), np.concatenate(out_i)
+
+
+_SERVER = []
+
+
+def server_uri(work: Path) -> str:
+    """A Milvus 2.3.5 standalone server (PyPI ``milvus``, tests/milvus_server.py) for this run."""
+    if not _SERVER:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from milvus_server import MilvusTestServer
+
+        server = MilvusTestServer(work.parent / "milvus-server")
+        server.start()
+        _SERVER.append(server)
+    return _SERVER[0].uri
+
+
+def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, uri: str, train_rows: int):
+    backend, index, pq_m, pdim, recompute = FORMS[name]
+    proj = Projection.fit(sample, pdim) if pdim else None
+    keys, values, ids = src.keys(), src.values(), src.ids()
+    t0 = time.perf_counter()
+    if backend == "faiss":
+        store = FaissDatastore.create(work / name.replace("+", "_"), src.info, index=index, pq_m=pq_m,
+                                      nlist=256 if index == "ivfpq" else None,
+                                      recompute=recompute, projection=proj, key_dtype="float16")
+        for i in range(0, len(keys), 16384):
+            store.add(ids[i:i + 16384], np.asarray(keys[i:i + 16384], np.float32), values[i:i + 16384])
+        store.train(sample_size=train_rows)  # PQ k-means on all 120k rows takes minutes on 2 shared cores
+        store.finalize()
+    else:
+        from knnlm_vdb.datastore.milvus import MilvusDatastore
+
+        domain = "c_" + name.split(":")[1].replace("+", "_").lower()
+        params = {"nlist": 256, **({"m": pq_m} if pq_m else {})}
+        if backend == "server":
+            uri = server_uri(work)
+        store = MilvusDatastore.create(uri, domain, src.info, index_type=index, index_params=params,
+                                       search_params={"nprobe": 32}, projection=proj)
+        for i in range(0, len(keys), 8192):
+            store.add(ids[i:i + 8192], np.asarray(keys[i:i + 8192], np.float32), values[i:i + 8192],
+                      doc_ids=["d"] * len(ids[i:i + 8192]), positions=np.arange(i, i + len(ids[i:i + 8192])))
+        store.seal()
+        store.wait_for_index(3600)
+    return store, time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datastore", default=str(CACHE / "gen-pydocs-120000-flat"), help="exact FAISS flat store")
+    ap.add_argument("--tune-json", default=str(CACHE / "gen-pydocs-tune.json"),
+                    help="`knnlm-vdb tune --json` output for it (else tuned here on --valid-tokens)")
+    ap.add_argument("--test-tokens", type=int, default=6000)
+    ap.add_argument("--valid-tokens", type=int, default=4000)
+    ap.add_argument("--forms", default=",".join(DEFAULT_FORMS), help="comma-separated subset of: " + ", ".join(FORMS))
+    ap.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS, help="first keys the projections are fitted on")
+    ap.add_argument("--recall-k", type=int, default=64)
+    ap.add_argument("--milvus-exact-settings-only", action="store_true",
+                    help="Milvus forms: search the test tokens at the exact store's k only (no own tune; Lite is "
+                         "slow at k=1024)")
+    ap.add_argument("--train-rows", type=int, default=10000, help="random rows the SQ8/PQ quantisers train on")
+    ap.add_argument("--work", default=str(CACHE / "compress" / "stores"), help="scratch for the compressed stores")
+    args = ap.parse_args()
+    setup_logging()
+    from knnlm_vdb.encoder import Encoder
+    from knnlm_vdb.lm import load_lm
+
+    src = FaissDatastore(args.datastore)
+    enc = Encoder(load_lm(src.info.model), key_type=src.info.key_type)
+    tag = f"{src.info.model}-{src.info.key_type}"
+    test = lm_pass(enc, "test", args.test_tokens, tag)
+    ids_of_rows = src.ids()
+    max_k = 1024
+    t0 = time.perf_counter()
+    d_ex, v_ex, i_ex = search_ids(src, ids_of_rows, test["keys"], max_k)
+    exact_s = time.perf_counter() - t0
+    tuned = None
+    tj = Path(args.tune_json)
+    if tj.is_file() and tj.stat().st_size:
+        tuned = json.loads(tj.read_text()).get("best")
+        tuned_from = str(tj)
+    valid = lm_pass(enc, "valid", args.valid_tokens, tag)
+
+    def own_tune(store) -> dict:
+        """k, T, λ tuned for ``store`` on the valid tokens, as `knnlm-vdb tune` would."""
+        dv, vv = store.search(valid["keys"], max_k)
+        return tune(Neighbours(valid["targets"], valid["lm_logprobs"], dv, vv, None, None), ks=KS)["best"]
+
+    exact_own = own_tune(src)
+    if not tuned:
+        tuned = exact_own
+        tuned_from = f"tuned here on the first {args.valid_tokens} pydocs valid tokens (exact store)"
+    k, t, lam = int(tuned["k"]), float(tuned["temperature"]), float(tuned["lambda"])
+    base_ppl = perplexity(test["lm_logprobs"])
+    exact_ppl = knnlm_ppl(test, d_ex, v_ex, k, t, lam)
+    exact_own_ppl = knnlm_ppl(test, d_ex, v_ex, exact_own["k"], exact_own["temperature"], exact_own["lambda"])
+    rk = args.recall_k
+    sample = np.asarray(src.keys()[: args.sample_rows], np.float32)
+    work = Path(args.work)
+    rows = []
+    prior = RESULTS / "compress.json"
+    if prior.exists():  # resume: keep the forms a run over the same rows and tokens measured
+        old = json.loads(prior.read_text())
+        if (old.get("entries"), old.get("tokens"), old.get("k")) == (src.count(), len(test["targets"]), k):
+            rows = old["rows"]
+    for name in [f for f in args.forms.split(",") if f]:
+        if name not in FORMS:
+            raise SystemExit(f"unknown form {name!r}")
+        if any(r["form"] == name for r in rows):
+            continue
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        uri = str(work / "milvus.db")
+        if name == "flat":
+            store, build_s = src, 0.0
+        else:
+            store, build_s = build_form(name, src, sample, work, uri, args.train_rows)
+        t0 = time.perf_counter()
+        quick = FORMS[name][0] != "faiss" and args.milvus_exact_settings_only
+        d, v, i = search_ids(store, ids_of_rows, test["keys"], max(k, rk) if quick else max(max_k, rk))
+        search_s = time.perf_counter() - t0
+        own = {"k": None, "temperature": None, "lambda": None} if quick else own_tune(store)
+        own_ppl = None if quick else knnlm_ppl(test, d, v, own["k"], own["temperature"], own["lambda"])
+        desc = store.describe()
+        b = desc["bytes_per_entry"]
+        recall = float(np.mean([len(np.intersect1d(a[:rk], e[:rk])) / rk for a, e in zip(i, i_ex)]))
+        ppl = knnlm_ppl(test, d, v, k, t, lam)
+        proj = desc.get("projection") or {}
+        rows.append({"form": name, "backend": FORMS[name][0], "dim": desc.get("stored_dim", desc["dim"]),
+                     "explained": proj.get("explained_variance"), "key_bytes": b["vectors"] + b["index"],
+                     "bytes_per_entry": b["total"], "bytes_parts": b, "recall": recall, "ppl": ppl,
+                     "delta_pct": 100 * (ppl / exact_ppl - 1), "own_k": own["k"], "own_t": own["temperature"],
+                     "own_lambda": own["lambda"], "own_ppl": own_ppl,
+                     "own_delta_pct": None if quick else 100 * (own_ppl / exact_own_ppl - 1),
+                     "dist_ratio": float(np.mean(d[:, 0]) / np.mean(d_ex[:, 0])),
+                     "build_s": round(build_s, 1), "search_s": round(search_s, 1)})
+        print(json.dumps({k_: v_ for k_, v_ in rows[-1].items() if k_ != "bytes_parts"}), flush=True)
+        if store is not src:
+            store.close()
+        report(args, src, test, rows, tuned_from, k, t, lam, base_ppl, exact_ppl, exact_own, exact_own_ppl, exact_s,
+               len(sample), rk)
+    for server in _SERVER:
+        server.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def report(args, src, test, rows, tuned_from, k, t, lam, base_ppl, exact_ppl, exact_own, exact_own_ppl, exact_s,
+           n_sample, rk) -> None:
+    """Results so far (written after every form, so a stopped run keeps what it measured)."""
+    cols = [("form", "form", ""), ("backend", "backend", ""), ("dim", "stored dim", "d"),
+            ("explained", "PCA variance kept", ".3f"), ("key_bytes", "key B/entry", "d"),
+            ("bytes_per_entry", "total B/entry", "d"), ("recall", f"recall@{rk}", ".3f"), ("ppl", "kNN-LM ppl", ".3f"),
+            ("delta_pct", "Δ vs exact %", "+.2f"), ("own_t", "own T", ".1f"), ("own_ppl", "ppl, own tune", ".3f"),
+            ("own_delta_pct", "Δ own %", "+.2f"), ("dist_ratio", "NN dist ratio", ".3f"),
+            ("build_s", "build s", ".1f"), ("search_s", "search s", ".1f")]
+    head = (f"pydocs test, first {len(test['targets'])} tokens; datastore {args.datastore} ({src.count():,} entries, "
+            f"{src.info.model} {src.info.key_type}); k={k}, T={t}, λ={lam} ({tuned_from}); base LM ppl "
+            f"{base_ppl:.3f}, exact kNN-LM ppl {exact_ppl:.3f}. 'own tune': k, T, λ tuned for each form on the first "
+            f"{args.valid_tokens} pydocs valid tokens (exact store: k={exact_own['k']}, T={exact_own['temperature']}, "
+            f"λ={exact_own['lambda']}, test ppl {exact_own_ppl:.3f}); projections fitted on the first "
+            f"{n_sample:,} keys\n\n")
+    write_results("compress", {"datastore": args.datastore, "entries": src.count(), "tokens": len(test["targets"]),
+                               "k": k, "temperature": t, "lambda": lam, "tuned_from": tuned_from,
+                               "base_ppl": base_ppl, "exact_ppl": exact_ppl, "exact_search_s": round(exact_s, 1),
+                               "exact_own_tune": exact_own, "exact_own_ppl": exact_own_ppl,
+                               "sample_rows": n_sample, "recall_k": rk, "rows": rows},
+                  head + markdown_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()
