@@ -209,13 +209,16 @@ class KnnLM:
     def generate(self, prompt, max_new_tokens: int = 64, do_sample: bool = False, temperature_lm: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, num_beams: int = 1, seed: int | None = None,
                  stop: list[str] | tuple = (), neighbours: bool | int = False, on_step=None, cancel=None,
-                 settings=None, **knn):
+                 settings=None, search_ahead: bool = False, **knn):
         """Continue ``prompt`` (a string or token ids; a list of them for a batch) with kNN-LM decoding.
 
         -> ``Generation`` (a list for a list of prompts). Greedy by default; ``do_sample`` with
         ``temperature_lm``/``top_k``/``top_p``; ``num_beams`` > 1 for beam search (no per-token steps).
         ``on_step(steps)`` is called after each token; ``cancel`` (a ``threading.Event``) stops early;
         ``settings`` (a resolved ``Fixed | Adaptive``) replaces the keyword overrides.
+        ``search_ahead`` starts each step's search from the key hook (``KnnLogitsProcessor.start``): it
+        pays where the search runs on other hardware than the model (a Milvus server, a GPU model); on a
+        few shared CPU cores the two only compete, so it is off by default.
         The prompt keeps its last ``ctx`` tokens, the context the datastore's keys were built with."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -250,7 +253,8 @@ class KnnLM:
         with self._lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            proc.start()
+            if search_ahead:
+                proc.start()
             try:
                 out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                           generation_config=config, logits_processor=LogitsProcessorList([proc]),
