@@ -40,7 +40,6 @@ from knnlm_vdb.datastore.base import StoreInfo
 from knnlm_vdb.datastore.milvus import MilvusDatastore, drop_domain, validate_index
 from knnlm_vdb.datastore.milvus.connection import index_done, wait_for_index
 from knnlm_vdb.datastore.milvus.create import ensure_doc_id_index
-from knnlm_vdb.datastore.milvus.naming import DOC_ID_MAX_BYTES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from milvus_server import MilvusTestServer  # noqa: E402
@@ -93,15 +92,9 @@ def dir_bytes(root: Path, name: str) -> int:
 
 def create_collection(client, dim: int) -> None:
     """knnlm-vdb's row schema (``milvus/create.py``) without a vector index: the benchmark builds each one."""
-    from pymilvus import DataType, MilvusClient
+    from knnlm_vdb.datastore.milvus.create import row_schema
 
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field("key", DataType.FLOAT_VECTOR, dim=dim)
-    schema.add_field("target", DataType.INT32)
-    schema.add_field("doc_id", DataType.VARCHAR, max_length=DOC_ID_MAX_BYTES)
-    schema.add_field("position", DataType.INT64)
-    client.create_collection(COLLECTION, schema=schema, consistency_level="Session")
+    client.create_collection(COLLECTION, schema=row_schema(dim), consistency_level="Session")
 
 
 def payload(first: int, n: int, seed: int) -> tuple[list, list, list]:

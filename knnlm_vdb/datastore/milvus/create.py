@@ -66,9 +66,8 @@ def ensure_doc_id_index(client, name: str, deployment: str, strict: bool = True)
     return None
 
 
-def create_collection(client, name: str, dim: int, index: IndexConfig, consistency: str, meta: dict,
-                      deployment: str = "server", create_token: str | None = None) -> None:
-    """A collection of the newest schema: the fields, the vector index and the ``doc_id`` index."""
+def row_schema(dim: int):
+    """The fields of a domain's rows (newest schema): id, key, target, doc_id, position."""
     from pymilvus import DataType, MilvusClient
 
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -77,6 +76,13 @@ def create_collection(client, name: str, dim: int, index: IndexConfig, consisten
     schema.add_field("target", DataType.INT32)
     schema.add_field("doc_id", DataType.VARCHAR, max_length=DOC_ID_MAX_BYTES)
     schema.add_field("position", DataType.INT64)
+    return schema
+
+
+def create_collection(client, name: str, dim: int, index: IndexConfig, consistency: str, meta: dict,
+                      deployment: str = "server", create_token: str | None = None) -> None:
+    """A collection of the newest schema: the fields, the vector index and the ``doc_id`` index."""
+    schema = row_schema(dim)
     build = dict(index.build_params)
     if deployment == "lite" and build:
         # pymilvus 3 sends build parameters as flat key-value pairs, which Milvus Lite 3.2 ignores
