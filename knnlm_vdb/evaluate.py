@@ -144,7 +144,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
                 doc, prev, fut = pending
                 found, near, secs = fut.result()
                 retrieval_seconds += secs
-                searched += int(np.any([f.searched for f in found], axis=0).sum())
+                searched += int(np.any([f.searched for f in found[:len(mixer.groups)]], axis=0).sum())
                 if doc != trust_doc:
                     trust, trust_doc = mixer.new_document(), doc
                 mixed, lam, knn = mixer.score(trust, prev.targets, prev.lm_logprobs, prev.lm_entropy,
@@ -152,7 +152,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
                 mixed_parts.append(mixed)
                 lam_parts.append(lam)
                 if keep_tokens:
-                    detail.append((knn, np.any([f.searched for f in found], axis=0), prev.keys))
+                    detail.append((knn, np.any([f.searched for f in found[:len(mixer.groups)]], axis=0), prev.keys))
                 if keep_neighbours:
                     f = found[0]
                     kept.append((prev.targets, prev.lm_logprobs, f.distances, f.values, prev.lm_entropy,

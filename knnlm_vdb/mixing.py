@@ -143,7 +143,18 @@ class Mixer:
         for f, knn, cal, doc in zip(found, knns, self.calibrations, trust):
             gate = cal.lambdas(f.distances, lm_entropy, lm_max_logprob, f.searched)
             parts.append((knn, doc.observe(lm, knn, gate)))
+        parts = self._cache_yields(parts)
         return mix_domains(lm, parts), np.sum([lam for _, lam in parts], axis=0), _knn_part(parts)
+
+    def _cache_yields(self, parts):
+        """The cache takes only the weight the domains leave under the cap. Each part's gate and
+        trust were fitted against the LM alone; where a domain is confident (a memorised passage)
+        a cache added on top would, once the cap scales every part down, dilute the better part."""
+        if self.cache is None or len(parts) < 2:
+            return parts
+        room = np.maximum(0.0, LAMBDA_CAP - np.sum([np.asarray(lam, np.float64) for _, lam in parts[:-1]], axis=0))
+        knn, lam = parts[-1]
+        return parts[:-1] + [(knn, np.minimum(lam, room))]
 
     def next_token(self, trust, lm_logprobs, lm_entropy, lm_max_logprob, found: list[Found]):
         """-> (log p over the vocabulary, total λ, log p_kNN of the first group) for one query.
@@ -169,7 +180,8 @@ class Mixer:
         for g, (f, knn, cal) in enumerate(zip(found, knns, self.calibrations)):
             gate = cal.lambdas(f.distances, lm_entropy, lm_max_logprob, f.searched)
             lam = np.minimum(gate * np.array([s[g] for s in scales]), LAMBDA_CAP)
-            parts.append((knn, np.broadcast_to(lam[:, None], lm.shape)))
+            parts.append((knn, lam))
+        parts = [(knn, np.broadcast_to(lam[:, None], lm.shape)) for knn, lam in self._cache_yields(parts)]
         return mix_domains(lm, parts), np.sum([lam[:, 0] for _, lam in parts], axis=0), _knn_part(parts)
 
 

@@ -51,16 +51,21 @@ def test_tune_fits_an_adaptive_calibration_that_eval_uses_by_default(faiss_store
     r = run("tune", *common, "--valid", corpus_file, "--max-k", 16, "--json")
     auto = json.loads(r.output)["auto"]
     assert "calibration" in json.loads((faiss_store / "meta.json").read_text())["info"]["extra"]
-    out = json.loads(run("eval", *common, "--corpus", corpus_file, "--json").output)
+    out = json.loads(run("eval", *common, "--corpus", corpus_file, "--no-cache", "--json").output)
     assert out["lambda"] == "auto"
     assert out["knnlm_ppl"] == pytest.approx(auto["valid_auto_ppl"], rel=0.02)  # same text, maybe fewer searches
     assert out["knnlm_ppl"] < out["base_ppl"]
+    cached = json.loads(run("eval", *common, "--corpus", corpus_file, "--json").output)  # the default: + the cache
+    assert cached["knnlm_ppl"] <= out["knnlm_ppl"] * 1.01  # a memorised text: the cache yields to the datastore
     fixed = json.loads(run("eval", *common, "--corpus", corpus_file, "--lambda", "0.3", "--json").output)
     assert fixed["lambda"] == 0.3 and fixed["searched_fraction"] == 1.0
     everywhere = json.loads(run("eval", *common, "--corpus", corpus_file, "--skip-below", 0, "--json").output)
-    sparse = json.loads(run("eval", *common, "--corpus", corpus_file, "--skip-below", 0.999, "--json").output)
+    sparse = json.loads(run("eval", *common, "--corpus", corpus_file, "--skip-below", 0.999, "--no-cache",
+                            "--json").output)
     assert everywhere["searched_fraction"] == 1.0 >= out["searched_fraction"] >= sparse["searched_fraction"] == 0.0
     assert sparse["knnlm_ppl"] == pytest.approx(sparse["base_ppl"], rel=1e-9)  # nothing searched: the LM alone
+    cache_only = json.loads(run("eval", *common, "--corpus", corpus_file, "--skip-below", 0.999, "--json").output)
+    assert cache_only["searched_fraction"] == 0.0 and cache_only["knnlm_ppl"] < cache_only["base_ppl"]  # text repeats
     _fails_cleanly(run("eval", *common, "--corpus", corpus_file, "--lambda", "0.3", "--skip-below", 0.1),
                    "--skip-below applies to adaptive λ")
     _fails_cleanly(run("eval", *common, "--corpus", corpus_file, "--skip-below", 1.5), "--skip-below must be in [0, 1)")
