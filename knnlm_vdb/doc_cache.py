@@ -22,11 +22,11 @@ MAX_ENTRIES = 4096  # the most recent positions kept: a long document's distant 
 class DocumentCache:
     """Keys and next tokens of one document's positions so far, in order (the most recent ``max_entries``)."""
 
-    def __init__(self, dim: int | None = None, max_entries: int = MAX_ENTRIES):
+    def __init__(self, max_entries: int = MAX_ENTRIES):
         if max_entries < 1:
             raise ValueError(f"max_entries must be positive, got {max_entries}")
         self.max_entries = max_entries
-        self.keys = np.zeros((0, dim or 0), np.float32)
+        self.keys = np.zeros((0, 0), np.float32)  # [n, dim] once the first keys arrive
         self.values = np.zeros(0, np.int32)
 
     def __len__(self) -> int:
@@ -35,9 +35,7 @@ class DocumentCache:
     def add(self, keys: np.ndarray, targets: np.ndarray) -> None:
         """Append positions (``keys[i]`` was followed by ``targets[i]``), forgetting the oldest beyond the cap."""
         keys = np.asarray(keys, np.float32).reshape(len(targets), -1)
-        if not len(self):
-            self.keys = self.keys.reshape(0, keys.shape[1])
-        self.keys = np.concatenate([self.keys, keys])[-self.max_entries:]
+        self.keys = np.concatenate([self.keys.reshape(-1, keys.shape[1]), keys])[-self.max_entries:]
         self.values = np.concatenate([self.values, np.asarray(targets, np.int32)])[-self.max_entries:]
 
     def search(self, queries: np.ndarray, k: int, block_keys: np.ndarray | None = None,
@@ -49,8 +47,7 @@ class DocumentCache:
         directly follows the cache: query ``i`` also sees the block's positions before ``rows[i]``."""
         queries = np.asarray(queries, np.float32)
         n = len(queries)
-        keys, values = self.keys.reshape(-1, queries.shape[1]) if len(self) else \
-            np.zeros((0, queries.shape[1]), np.float32), self.values
+        keys, values = self.keys.reshape(-1, queries.shape[1]), self.values
         m = len(values)
         if block_keys is not None:
             keys = np.concatenate([keys, np.asarray(block_keys, np.float32)])

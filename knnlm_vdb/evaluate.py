@@ -118,16 +118,15 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
     lm_seconds = retrieval_seconds = 0.0
     searched = 0
     trust, trust_doc = None, -1
-    caches = {}  # document -> its DocumentCache (the mixer's, and the one tuning keeps neighbours from)
+    cache_doc, cache, tuning = -1, None, None  # the document's caches: the mixer's, and the one tuning reads
 
-    def retrieve(doc, block):
+    def retrieve(block, cache, tuning):
         t = time.perf_counter()
-        cache = caches.get(doc)
         found = mixer.retrieve(block.keys, mixer.search_masks(block.lm_entropy, block.lm_max_logprob),
                                cache, block.targets if cache is not None else None)
-        tuning = caches.get(("tune", doc))
-        near = tuning.search(block.keys, CACHE_TUNE_K, block.keys, block.targets) if tuning is not None else None
+        near = None
         if tuning is not None:
+            near = tuning.search(block.keys, CACHE_TUNE_K, block.keys, block.targets)
             tuning.add(block.keys, block.targets)
         return found, near, time.perf_counter() - t
 
@@ -144,7 +143,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
                 doc, prev, fut = pending
                 found, near, secs = fut.result()
                 retrieval_seconds += secs
-                searched += int(np.any([f.searched for f in found[:len(mixer.groups)]], axis=0).sum())
+                searched += int(mixer.searched(found).sum())
                 if doc != trust_doc:
                     trust, trust_doc = mixer.new_document(), doc
                 mixed, lam, knn = mixer.score(trust, prev.targets, prev.lm_logprobs, prev.lm_entropy,
@@ -152,7 +151,7 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
                 mixed_parts.append(mixed)
                 lam_parts.append(lam)
                 if keep_tokens:
-                    detail.append((knn, np.any([f.searched for f in found[:len(mixer.groups)]], axis=0), prev.keys))
+                    detail.append((knn, mixer.searched(found), prev.keys))
                 if keep_neighbours:
                     f = found[0]
                     kept.append((prev.targets, prev.lm_logprobs, f.distances, f.values, prev.lm_entropy,
@@ -166,12 +165,10 @@ def evaluate(encoder: Encoder, token_ids: list[int] | list[list[int]], stores: l
             doc, block = item
             lm_parts.append(block.lm_logprobs)
             if stores:
-                if doc not in caches:  # a new document: a fresh cache (blocks come in document order)
-                    caches.clear()
-                    caches[doc] = mixer.new_cache()
-                    if keep_neighbours:
-                        caches[("tune", doc)] = DocumentCache()
-                pending = (doc, block, pool.submit(retrieve, doc, block))
+                if doc != cache_doc:  # a new document: fresh caches (blocks come in document order)
+                    cache_doc, cache = doc, mixer.new_cache()
+                    tuning = DocumentCache() if keep_neighbours else None
+                pending = (doc, block, pool.submit(retrieve, block, cache, tuning))
     wall = time.perf_counter() - wall0
     bar.close()
     lm_logprobs = np.concatenate(lm_parts) if lm_parts else np.zeros(0, np.float32)

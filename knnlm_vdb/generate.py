@@ -113,11 +113,7 @@ class KnnLogitsProcessor(_processor_base()):
         if ahead is None or ahead[0].shape != queries.shape or not np.array_equal(ahead[0], queries):
             return self.mixer.retrieve(queries, masks, self.caches)
         self.searched_ahead += 1
-        found = [Found.place(m, self.mixer.ks[g], d[m], v[m])
-                 for g, (m, (d, v)) in enumerate(zip(masks, ahead[1].result()))]
-        if self.mixer.cache is not None:
-            found.append(self.mixer.search_cache(self.caches, queries, masks[len(found)]))
-        return found
+        return self.mixer.retrieve(queries, masks, self.caches, searched=ahead[1].result())
 
     @property
     def passthrough(self) -> bool:
@@ -142,7 +138,7 @@ class KnnLogitsProcessor(_processor_base()):
         queries = keys[:, -1].float().cpu().numpy()
         masks = self.mixer.search_masks(entropy, max_lp)
         found = self._retrieve(queries, masks)
-        searched = np.any([f.searched for f in found[:len(self.mixer.groups)]], axis=0)
+        searched = self.mixer.searched(found)
         self.searches += int(searched.sum())
         self.skipped += int((~searched).sum())
         scales = self.scales if self.scales is not None else \

@@ -96,13 +96,23 @@ class Mixer:
         k = self.ks[g]
         return merge_topk([s.search(queries, k) for s in self.groups[g]], k)
 
-    def retrieve(self, keys: np.ndarray, masks: list[np.ndarray], cache=None, targets=None) -> list[Found]:
-        """Each part's neighbours of ``keys`` where its mask says so (see ``search_cache`` for ``cache``)."""
-        found = [Found.place(mask, self.ks[g], *(self.search(g, keys[mask]) if mask.any() else ()))
-                 for g, mask in enumerate(masks[:len(self.groups)])]
+    def retrieve(self, keys: np.ndarray, masks: list[np.ndarray], cache=None, targets=None,
+                 searched=None) -> list[Found]:
+        """Each part's neighbours of ``keys`` where its mask says so (see ``search_cache`` for ``cache``).
+        ``searched``: each group's (distances, values) for all of ``keys``, when the search already ran."""
+        if searched is None:
+            found = [Found.place(mask, self.ks[g], *(self.search(g, keys[mask]) if mask.any() else ()))
+                     for g, mask in enumerate(masks[:len(self.groups)])]
+        else:
+            found = [Found.place(mask, self.ks[g], d[mask], v[mask])
+                     for g, (mask, (d, v)) in enumerate(zip(masks, searched))]
         if self.cache is not None:
             found.append(self.search_cache(cache, keys, masks[len(self.groups)], targets))
         return found
+
+    def searched(self, found: list[Found]) -> np.ndarray:
+        """Which queries any datastore group searched (the cache part is not a datastore search)."""
+        return np.any([f.searched for f in found[:len(self.groups)]], axis=0)
 
     def new_cache(self) -> DocumentCache | None:
         """An empty in-document cache for a new document (None when this plan has none)."""

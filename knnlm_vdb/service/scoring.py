@@ -205,18 +205,18 @@ class Scorer:
                 found[i][g] = Found.place(masks[i][g], k, dist[sizes[j]:sizes[j + 1]], vals[sizes[j]:sizes[j + 1]])
         for i, job in enumerate(jobs):
             if i not in errors:
-                self._finish(job, found[i])
+                self._finish(job, found[i], masks[i])
             if job.keep_keys and i not in errors:
                 job.keys = _cat(job._keys)
             job._keys, job._base, job._feats = [], [], []
         return errors
 
     @staticmethod
-    def _finish(job: Job, found: list[Found]) -> None:
+    def _finish(job: Job, found: list[Found], masks: list[np.ndarray]) -> None:
         feats = _cat(job._feats)
         trust = job.mixer.new_document()  # a request is one document
         if job.mixer.cache is not None:  # the cache part: the text's own earlier positions (a Score text only)
-            mask = job.mixer.search_masks(feats[:, 0], feats[:, 1])[-1]
+            mask = masks[-1]
             targets = np.asarray(job.token_ids[1:], dtype=np.int64) if job.scores_text else None
             found[-1] = job.mixer.search_cache(job.mixer.new_cache() if job.scores_text else None, _cat(job._keys),
                                                mask, targets)
