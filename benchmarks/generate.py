@@ -9,8 +9,10 @@ see ``make bench``), so they carry their tuned k, T, λ and the ``--lambda auto`
 
 1. **Decode speed** (greedy): kNN-LM ``KnnLM.generate`` tokens/s against ``model.generate`` on the
    same prompts in the same run, batch 1 and 8, fixed λ (the tuned setting) and ``--lambda auto``,
-   through FAISS IVFPQ (a trained copy of the pydocs datastore), Milvus Lite HNSW and a Milvus
-   standalone server HNSW (rows copied from the same datastore; the server is started here).
+   through FAISS IVFPQ (a trained copy of the pydocs datastore), Milvus Lite HNSW, the same Lite
+   domain read through its in-process mirror (``mirror=True``: exact search of a copy read once; the
+   read's seconds are reported, not counted in tokens/s) and a Milvus standalone server HNSW (rows
+   copied from the same datastore; the server is started here).
 2. **Continuation quality**: prompts of ``--context`` tokens at evenly spaced offsets of pydocs
    test, greedy ``--new-tokens`` tokens, compared with the true continuation: token accuracy
    (same token at the same position) and mean matched-prefix length, for the base LM, fixed λ
@@ -40,7 +42,9 @@ from knnlm_vdb.encoder import Encoder
 from knnlm_vdb.lm import load_lm
 
 log = logging.getLogger("generate")
-SYSTEMS = ("faiss-ivfpq", "lite-hnsw", "server-hnsw")
+SYSTEMS = ("faiss-ivfpq", "lite-hnsw", "lite-mirror", "server-hnsw")
+NAMES = {"faiss-ivfpq": "FAISS IVFPQ", "lite-hnsw": "Milvus Lite HNSW", "lite-mirror": "Milvus Lite, mirror=True",
+         "server-hnsw": "Milvus server HNSW"}
 
 
 def arguments():
@@ -197,7 +201,8 @@ def main() -> None:
             "kNN-LM tokens/s against the base model's `generate` in the same run.\n\n" + markdown_table(rows, [
                 ("system", "system", ""), ("lambda", "λ", ""), ("k", "k", ""), ("batch", "batch", ""),
                 ("base_tokens_per_s", "base tokens/s", ".1f"), ("knn_tokens_per_s", "kNN-LM tokens/s", ".1f"),
-                ("ratio", "× base", ".2f"), ("searched", "searched", ".0%")]))
+                ("ratio", "× base", ".2f"), ("searched", "searched", ".0%"),
+                ("mirror_read_s", "mirror read s", ".1f")]))
         save()
     if not args.skip_quality:
         pairs = prompts_of(test_ids, args.prompts, args.context, args.new_tokens)
@@ -214,6 +219,12 @@ def main() -> None:
         save()
 
 
+def hnsw_options(k: int) -> dict:
+    """The HNSW domain every Milvus system searches (ef at least k, or results are cut)."""
+    return {"index_type": "HNSW", "index_params": {"M": 16, "efConstruction": 100}, "search_params": {"ef": max(64, k)},
+            "consistency": "Strong"}
+
+
 def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -221,7 +232,7 @@ def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
     tuned = pydocs.info.extra["tuned"]
     ks = [int(tuned["k"]) if x == "tuned" else int(x) for x in args.speed_ks.split(",")]
     k = max(ks)
-    stores, uris, server = {}, {}, None
+    stores, uris, server, mirror_read_s = {}, {}, None, None
     try:
         for system in systems:
             if system == "faiss-ivfpq":
@@ -241,11 +252,16 @@ def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
                     server = MilvusTestServer(tempfile.mkdtemp(prefix="milvus-server-", dir=work))
                     server_uri = server.start(timeout_s=300)
                 uri = str(work / "pydocs-lite.db") if where == "lite" else server_uri
+                if system == "lite-mirror":  # one handle for every row: the copy is read once
+                    load_rows(pydocs, uri, "pydocs", hnsw_options(k), batch=4096)[0].close()
+                    stores[system] = open_store("milvus", uri, domain="pydocs", mirror=True)
+                    t_read = time.perf_counter()
+                    stores[system].mirror.current()
+                    mirror_read_s = time.perf_counter() - t_read
+                    continue
                 # one search per token: Strong reads on a server wait for its next time tick, so
                 # decoding reads a sealed domain with Bounded consistency (Lite answers at once)
-                options = {"index_type": "HNSW", "index_params": {"M": 16, "efConstruction": 100},
-                           "search_params": {"ef": max(64, k)},
-                           "consistency": "Strong" if where == "lite" else "Bounded"}
+                options = {**hnsw_options(k), "consistency": "Strong" if where == "lite" else "Bounded"}
                 stores[system], _ = load_rows(pydocs, uri, "pydocs", options, batch=4096)
                 uris[system] = (uri, options["consistency"])
         rows = []
@@ -262,10 +278,9 @@ def run_speed(args, enc, pydocs, test_ids, systems) -> list[dict]:
                     r = speed(lm, prompts, args.speed_tokens, batch, lam, k_run)
                     if handle is not None:
                         handle.close()
-                    rows.append({"system": {"faiss-ivfpq": "FAISS IVFPQ", "lite-hnsw": "Milvus Lite HNSW",
-                                            "server-hnsw": "Milvus server HNSW"}[system],
-                                 "lambda": lam, "k": pydocs.info.extra["calibration"]["k"] if lam == "auto" else k_run,
-                                 "batch": batch, **r})
+                    rows.append({"system": NAMES[system], "lambda": lam, "k": pydocs.info.extra["calibration"]["k"] if lam == "auto" else k_run,
+                                 "batch": batch, **r,
+                                 **({"mirror_read_s": round(mirror_read_s, 1)} if system == "lite-mirror" else {})})
                     log.info("speed %s", rows[-1])
         return rows
     finally:

@@ -99,14 +99,16 @@ class KnnLM:
              batch_size: int = DEFAULTS["batch_size"], device: str = "auto", dtype: str = "auto",
              consistency: str = DEFAULTS["consistency"], token: str | None = None,
              k: int | None = None, temperature: float | None = None, lmbda=None,
-             skip_below: float | None = None, cache: bool | None = None) -> "KnnLM":
+             skip_below: float | None = None, cache: bool | None = None, mirror: bool = False) -> "KnnLM":
         """Load ``model`` and open its datastores: FAISS directories (``datastore``, one or a list) or
-        Milvus domains (``domains`` at ``uri``; Milvus Lite file by default). No datastore: the base LM."""
+        Milvus domains (``domains`` at ``uri``; Milvus Lite file by default). No datastore: the base LM.
+        ``mirror=True`` reads Lite domains through an in-process copy (datastore/milvus/mirror.py):
+        one full read at the first search, then searches in milliseconds instead of ~1.3 µs per row."""
         from knnlm_vdb.encoder import Encoder
         from knnlm_vdb.lm import load_lm
 
         stores = open_datastores(uri=uri, domains=domains, datastore=datastore, consistency=consistency,
-                                 token=token)
+                                 token=token, mirror=mirror)
         try:
             encoder = Encoder(load_lm(model, device=device, dtype=dtype), key_type=key_type, ctx=ctx,
                               stride=stride, batch_size=batch_size)
@@ -364,8 +366,9 @@ def check_sampling(max_new_tokens, temperature_lm, top_k, top_p, num_beams, do_s
         raise InvalidInput(f"num_beams must be positive, got {num_beams}")
 
 
-def open_datastores(uri=None, domains=None, datastore=None, consistency=DEFAULTS["consistency"], token=None):
-    """FAISS directories (``datastore``) or Milvus domains at ``uri``; nothing: no stores."""
+def open_datastores(uri=None, domains=None, datastore=None, consistency=DEFAULTS["consistency"], token=None,
+                    mirror=False):
+    """FAISS directories (``datastore``) or Milvus domains at ``uri`` (``mirror``: see ``KnnLM.open``)."""
     from knnlm_vdb.datastore import open_store
 
     dirs = [datastore] if isinstance(datastore, str) else list(datastore or [])
@@ -378,7 +381,7 @@ def open_datastores(uri=None, domains=None, datastore=None, consistency=DEFAULTS
             stores.append(open_store("faiss", d))
         for name in names:
             stores.append(open_store("milvus", uri or DEFAULTS["uri"], domain=name, token=token,
-                                     consistency=consistency))
+                                     consistency=consistency, **({"mirror": True} if mirror else {})))
     except BaseException:
         for s in stores:
             s.close()

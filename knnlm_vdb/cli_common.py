@@ -146,23 +146,25 @@ def milvus_options(consistency: str | None = None) -> dict:
 
 
 def store_spec(backend: str, location: str, uri: str | None, consistency: str | None = None,
-               token: str | None = None):
+               token: str | None = None, mirror: bool = False):
     """One ``resolve_locations`` location -> a ``datastore.StoreSpec`` (the Milvus ``token``, else $KNNLM_MILVUS_TOKEN)."""
     from knnlm_vdb.datastore import StoreSpec
 
     if backend == "faiss":
         return StoreSpec("faiss", location)
     o = milvus_options(consistency)
-    return StoreSpec("milvus", uri, domain=location, consistency=o.get("consistency"), token=token or o["token"])
+    return StoreSpec("milvus", uri, domain=location, consistency=o.get("consistency"), token=token or o["token"],
+                     mirror=mirror)
 
 
-def open_stores(backend, locations, uri, consistency, encoder=None, token=None):
-    """Open each location's store and refuse another model's (``Incompatible``)."""
+def open_stores(backend, locations, uri, consistency, encoder=None, token=None, mirror=False):
+    """Open each location's store and refuse another model's (``Incompatible``); ``mirror``: Lite
+    domains read through an in-process copy."""
     from knnlm_vdb.datastore import StoreInfo, open_spec
 
     stores = []
     for loc in locations:
-        store = open_spec(store_spec(backend, loc, uri, consistency, token))
+        store = open_spec(store_spec(backend, loc, uri, consistency, token, mirror))
         if encoder is not None:
             store.info.check_compatible(StoreInfo.for_encoder(encoder), loc)
         stores.append(store)

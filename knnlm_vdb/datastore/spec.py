@@ -35,6 +35,7 @@ class StoreSpec:
     domain: str = "default"
     consistency: str | None = None  # Milvus read consistency; None: the stored one
     token: str | None = field(default=None, repr=False)  # Milvus credentials; never printed
+    mirror: bool = False  # Milvus Lite: read through an in-process copy (datastore/milvus/mirror.py)
 
     def __post_init__(self):
         check_backend(self.backend)
@@ -45,12 +46,14 @@ class StoreSpec:
         return self.location if self.backend == "faiss" else self.domain
 
     def connection(self) -> dict:
-        """The backend's open options (Milvus: token and consistency; FAISS: none)."""
+        """The backend's open options (Milvus: token, consistency, mirror; FAISS: none)."""
         if self.backend == "faiss":
             return {}
         o = {"token": self.token}
         if self.consistency:
             o["consistency"] = self.consistency
+        if self.mirror:
+            o["mirror"] = True
         return o
 
 

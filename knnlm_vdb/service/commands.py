@@ -118,10 +118,14 @@ def _security(tls_cert, tls_key, tls_client_ca, token_file, write_token_file, in
               help="let read tokens Append too (by default Append needs a write token whenever tokens are set)")
 @click.option("--milvus-token-file", type=click.Path(dir_okay=False), envvar=MILVUS_TOKEN_FILE_ENV,
               help=f"Milvus token from a file [default: ${TOKEN_ENV}]")
+@click.option("--mirror", is_flag=True, envvar="KNNLM_MIRROR",
+              help="Milvus Lite: search an in-process copy of each domain (one full read at start, then "
+                   "milliseconds per search instead of Lite's ~1.3 µs per row; appends refresh it)")
 def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, backend, uri, domains, consistency,
           k, temperature, lmbda, skip_below, cache, host, port, health_port, max_workers, max_batch, batch_wait_ms, max_text_tokens,
           max_new_tokens, max_k, max_request_bytes, max_concurrent, request_timeout, metrics_port, grace, tls_cert,
-          tls_key, tls_client_ca, token_file, write_token_file, insecure, allow_read_token_writes, milvus_token_file):
+          tls_key, tls_client_ca, token_file, write_token_file, insecure, allow_read_token_writes, milvus_token_file,
+          mirror):
     """Serve Score, NextToken, Generate, Append and ListDomains over gRPC (package knnlm.v1).
 
     Serves each --domain (Milvus) or --datastore (FAISS); with neither, every domain of the
@@ -159,7 +163,7 @@ def serve(model, key_type, ctx, stride, batch_size, device, dtype, datastores, b
     from knnlm_vdb import knn_settings
 
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
-    stores = open_stores(backend, locations, uri, consistency, encoder, token=milvus_token)
+    stores = open_stores(backend, locations, uri, consistency, encoder, token=milvus_token, mirror=mirror)
     served = []
     for loc, store in zip(locations, stores):
         name = Path(loc).name if backend == "faiss" else loc

@@ -4,7 +4,8 @@ Modules, bottom up: ``naming`` (names, row layout, metadata keys), ``index`` (in
 parameter validation), ``connection`` (URIs, connecting, one-line errors, load/index waits),
 ``versions`` (the database's schema record), ``catalog`` (domains and their metadata),
 ``create`` (collections of the newest schema; race-safe domain creation), ``ledger`` (the
-ingest ledger), ``store`` (``MilvusDatastore``), ``reindex`` (a new index behind the alias).
+ingest ledger), ``mirror`` (an in-process copy of a Lite domain for fast reads), ``store``
+(``MilvusDatastore``), ``reindex`` (a new index behind the alias).
 The names below are the ones callers outside the package normally need.
 """
 from knnlm_vdb.datastore.milvus.catalog import NoSuchDomain, drop_domain, list_domains

@@ -10,6 +10,7 @@ import logging
 
 from knnlm_vdb.datastore.base import info_damage, is_int, typed_damage
 from knnlm_vdb.datastore.milvus.connection import connect, quiet_pymilvus, redact_uri, rpc, supports_aliases
+from knnlm_vdb.datastore.milvus.mirror import note_write
 from knnlm_vdb.datastore.milvus.naming import META_PROPERTY, PREFIX, alias_name, check_domain, ledger_name
 from knnlm_vdb.datastore.milvus.versions import check_schema_version
 from knnlm_vdb.errors import KnnlmError, NotFound
@@ -135,6 +136,7 @@ def drop_domain(uri: str, domain: str, token: str | None = None, timeout: float 
                 names.append(ledger_name(domain))
             for name in names:
                 client.drop_collection(name)
+            note_write(uri, domain)
         log.info("dropped domain %s (%s) at %s", domain, ", ".join(names), redact_uri(uri))
         return names
     finally:

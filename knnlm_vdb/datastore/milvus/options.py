@@ -5,8 +5,9 @@ from knnlm_vdb.errors import KnnlmError
 
 CONN_OPTIONS = ("token", "timeout", "db_name")
 INDEX_OPTIONS = ("index_type", "index_params", "search_params", "consistency", "k", "projection")
-# How the store talks to Milvus; tests shrink them to force many small requests.
-TRANSFER_OPTIONS = ("rpc_budget_bytes", "insert_batch_bytes", "alias_wait_s")
+# How the store talks to Milvus (tests shrink the sizes to force many small requests); ``mirror``:
+# read a Lite domain through an in-process copy (mirror.py).
+TRANSFER_OPTIONS = ("rpc_budget_bytes", "insert_batch_bytes", "alias_wait_s", "mirror")
 REOPEN_OPTIONS = CONN_OPTIONS + ("consistency", "k") + TRANSFER_OPTIONS
 
 

@@ -28,6 +28,7 @@ from knnlm_vdb.datastore.milvus.connection import (connect, deployment_of, ensur
                                                    supports_aliases, wait_for_index)
 from knnlm_vdb.datastore.milvus.create import create_collection
 from knnlm_vdb.datastore.milvus.index import validate_index
+from knnlm_vdb.datastore.milvus.mirror import note_write
 from knnlm_vdb.datastore.milvus.naming import (META_PROPERTY, RETIRED_PROPERTY, ROW_FIELDS, alias_name, check_domain,
                                                collection_name, generation_pattern, row_bytes)
 from knnlm_vdb.datastore.milvus.store import ID_CHECK_BATCH, INSERT_BATCH_BYTES
@@ -171,6 +172,7 @@ def reindex(uri: str, domain: str, index_type: str, index_params: dict | None = 
             client.alter_collection_properties(new, properties={META_PROPERTY: json.dumps(new_meta, sort_keys=True)})
             client.alter_alias(new, alias)
             swapped = True
+            note_write(uri, domain)
             log.info("domain %s now reads %s (%s); was %s", domain, new, index.index_type, old)
             # rows written to the old collection just before the swap took effect
             stragglers = np.setdiff1d(np.setdiff1d(_ids(client, old), old_ids), _ids(client, new))
