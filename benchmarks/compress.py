@@ -1,6 +1,6 @@
 """Compressed keys: bytes per entry against kNN-LM perplexity, for each storage form.
 
-    python benchmarks/compress.py --datastore cache/gen-pydocs-120000-flat --test-tokens 6000
+    python benchmarks/compress.py --datastore cache/cmp-pydocs-408000-flat --test-tokens 6000
 
 Reads an existing FAISS flat datastore (real pydocs keys; not rebuilt), runs the LM once over
 the first ``--test-tokens`` pydocs test tokens (and ``--valid-tokens`` valid tokens when no tune
@@ -51,7 +51,8 @@ FORMS = {
     "milvus:pca64+IVF_SQ8": ("milvus", "IVF_SQ8", None, 64, False),
     "milvus:pca24+IVF_SQ8": ("milvus", "IVF_SQ8", None, 24, False),
     "server:pca128+IVF_PQ16": ("server", "IVF_PQ", 16, 128, False),  # Milvus Lite 3.2.2 cannot build IVF_PQ
-    "server:pca128+IVF_PQ24": ("server", "IVF_PQ", 24, 128, False),
+    "server:pca192+IVF_PQ24": ("server", "IVF_PQ", 24, 192, False),  # 32 B key: 24 B codes + 8 B id
+    "server:pca96+IVF_PQ24": ("server", "IVF_PQ", 24, 96, False),
 }
 
 DEFAULT_FORMS = ("flat", "pca128", "pca64+sq8", "pca32+sq8", "pca128+pq32", "pca128+pq16", "milvus:pca24+IVF_SQ8",

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from knnlm_vdb.datastore.milvus.connection import quiet_pymilvus
+
 log = logging.getLogger(__name__)
 
 EXPORT_BATCH = 4096  # rows per query_iterator page
@@ -72,9 +74,10 @@ class LiteMirror:
         version = write_count(self.uri, self.domain)  # before the read: a write during it re-reads next time
         t0 = time.perf_counter()
         keys, ids, targets, docs, positions = [], [], [], [], []
-        it = self.client.query_iterator(self.name, batch_size=EXPORT_BATCH, filter="",
-                                        output_fields=["id", "key", "target", "doc_id", "position"],
-                                        consistency_level="Strong")
+        with quiet_pymilvus():  # Lite's iterator asks for a timestamp it does not serve, and logs it
+            it = self.client.query_iterator(self.name, batch_size=EXPORT_BATCH, filter="",
+                                            output_fields=["id", "key", "target", "doc_id", "position"],
+                                            consistency_level="Strong")
         try:
             while True:
                 page = it.next()
