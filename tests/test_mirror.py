@@ -86,7 +86,7 @@ def test_drop_and_recreate_is_seen_by_an_open_mirror(tmp_path):
         with MilvusDatastore.create(uri, "x", INFO, index_type="FLAT") as w:
             w.add(ids[:10], keys[:10], (values[:10] + 1) % 257)
         assert m.mirror.current().version > version
-        assert len(m.mirror.ids) == 10
+        assert len(m.mirror.current().ids) == 10
     finally:
         m.close()
 

@@ -50,25 +50,58 @@ def write_count(uri: str, domain: str) -> int:
         return _WRITES.get(_key(uri, domain), 0)
 
 
+class Copy:
+    """One read of a domain: its rows (id, target, doc_id, position) and a flat index on their stored
+    keys. Never changed once made, so a search racing a re-read uses one consistent copy."""
+
+    def __init__(self, index, ids, targets, doc_ids, positions, version: int):
+        self.index, self.ids, self.targets, self.doc_ids = index, ids, targets, doc_ids
+        self.positions, self.version = positions, version
+
+    def search(self, stored_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 distances, row numbers; -1 where fewer than ``k`` rows exist), each ``[n, k]``."""
+        d, rows = self.index.search(np.ascontiguousarray(stored_queries, dtype=np.float32), k)
+        return np.where(rows >= 0, d, np.inf).astype(np.float32), rows
+
+    def hits(self, stored_queries: np.ndarray, k: int, what: str) -> tuple[list, list]:
+        """Ragged per-query distances and ``what`` ("target" values or "id"s), as ``MilvusDatastore._search``."""
+        d, rows = self.search(stored_queries, k)
+        column = self.targets if what == "target" else self.ids
+        dists, found = [], []
+        for di, ri in zip(d, rows):
+            ok = ri >= 0
+            dists.append(di[ok])
+            found.append(column[ri[ok]])
+        return dists, found
+
+    def entries(self, stored_queries: np.ndarray, n: int, domain: str) -> list[list[dict]]:
+        d, rows = self.search(stored_queries, max(n, 1))
+        return [[{"domain": domain, "doc_id": self.doc_ids[r], "position": int(self.positions[r]),
+                  "distance": float(dist), "target": int(self.targets[r])}
+                 for dist, r in zip(di[:n], ri[:n]) if r >= 0] for di, ri in zip(d, rows)]
+
+
 class LiteMirror:
-    """The rows of one Lite domain (id, stored key, target, doc_id, position) and a flat index on the keys."""
+    """The current ``Copy`` of one Lite domain, re-read when this process has written to the domain."""
 
     def __init__(self, client, uri: str, domain: str, name: str, dim: int):
         self.client, self.uri, self.domain, self.name, self.dim = client, uri, domain, name, dim
-        self.version = -1  # write_count() when the copy was read; -1: never read
-        self.index = None
-        self.ids = self.targets = self.positions = np.zeros(0, np.int64)
-        self.doc_ids: list[str] = []
+        self.copy: Copy | None = None
         self._lock = threading.Lock()
 
-    def current(self) -> "LiteMirror":
-        """This mirror, re-read first when the domain was written since the last read."""
-        with self._lock:
-            if self.version != write_count(self.uri, self.domain):
-                self._read()
-        return self
+    @property
+    def version(self) -> int:
+        """``write_count()`` when the current copy was read; -1: never read."""
+        return -1 if self.copy is None else self.copy.version
 
-    def _read(self) -> None:
+    def current(self) -> Copy:
+        """The copy to search, re-read first when the domain was written since the last read."""
+        with self._lock:
+            if self.copy is None or self.copy.version != write_count(self.uri, self.domain):
+                self.copy = self._read()
+            return self.copy
+
+    def _read(self) -> Copy:
         import faiss
 
         version = write_count(self.uri, self.domain)  # before the read: a write during it re-reads next time
@@ -93,29 +126,6 @@ class LiteMirror:
         index = faiss.IndexFlatL2(self.dim)
         if keys:
             index.add(np.ascontiguousarray(np.concatenate(keys)))
-        self.index, self.version = index, version
-        self.ids, self.targets = np.asarray(ids, np.int64), np.asarray(targets, np.int64)
-        self.positions, self.doc_ids = np.asarray(positions, np.int64), docs
         log.info("mirrored %d rows of domain %s in %.1f s", len(ids), self.domain, time.perf_counter() - t0)
-
-    def search(self, stored_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(squared L2 distances, row numbers; -1 where fewer than ``k`` rows exist), each ``[n, k]``."""
-        d, rows = self.index.search(np.ascontiguousarray(stored_queries, dtype=np.float32), k)
-        return np.where(rows >= 0, d, np.inf).astype(np.float32), rows
-
-    def hits(self, stored_queries: np.ndarray, k: int, what: str) -> tuple[list, list]:
-        """Ragged per-query distances and ``what`` ("target" values or "id"s), as ``MilvusDatastore._search``."""
-        d, rows = self.search(stored_queries, k)
-        column = self.targets if what == "target" else self.ids
-        dists, found = [], []
-        for di, ri in zip(d, rows):
-            ok = ri >= 0
-            dists.append(di[ok])
-            found.append(column[ri[ok]])
-        return dists, found
-
-    def entries(self, stored_queries: np.ndarray, n: int) -> list[list[dict]]:
-        d, rows = self.search(stored_queries, max(n, 1))
-        return [[{"domain": self.domain, "doc_id": self.doc_ids[r], "position": int(self.positions[r]),
-                  "distance": float(dist), "target": int(self.targets[r])}
-                 for dist, r in zip(di[:n], ri[:n]) if r >= 0] for di, ri in zip(d, rows)]
+        return Copy(index, np.asarray(ids, np.int64), np.asarray(targets, np.int64), docs,
+                    np.asarray(positions, np.int64), version)

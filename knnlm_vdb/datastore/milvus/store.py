@@ -354,7 +354,7 @@ class MilvusDatastore(Datastore):
         queries = self.to_stored(queries)
         if self.mirror is not None:
             with rpc(f"mirror {self.name}", self.uri):
-                return self.mirror.current().entries(queries, n)
+                return self.mirror.current().entries(queries, n, self.domain)
         return [[{"domain": self.domain, "doc_id": h["entity"]["doc_id"], "position": int(h["entity"]["position"]),
                   "distance": float(h["distance"]), "target": int(h["entity"]["target"])} for h in hits]
                 for hits in self._results(queries, n, ["target", "doc_id", "position"])]
