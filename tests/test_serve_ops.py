@@ -97,7 +97,8 @@ def test_client_deadline_is_the_server_cap():
 
 
 def test_serve_without_domain_serves_every_domain(tiny_model_dirs, tmp_path, corpus_file):
-    """`serve --uri x.db` (no --domain) serves every domain there, says so, and exposes metrics."""
+    """`serve --uri x.db` (no --domain) serves every domain there, says so, and exposes metrics;
+    ``--mirror`` reads them through in-process copies (datastore/milvus/mirror.py)."""
     model = ["--model", tiny_model_dirs["llama"], *WIN]
     uri = str(tmp_path / "k.db")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KNNLM_")}
@@ -109,7 +110,7 @@ def test_serve_without_domain_serves_every_domain(tiny_model_dirs, tmp_path, cor
         # Milvus Lite brute-forces FLAT: a new Lite domain is HNSW unless --index says otherwise
         assert json.loads(p.stdout)["datastore"]["index"]["type"] == ("FLAT" if index else "HNSW")
     proc = subprocess.Popen([sys.executable, "-m", "knnlm_vdb", "serve", *model, "--uri", uri, "--host", "127.0.0.1",
-                             "--port", "0", "--insecure", "--metrics-port", "0"],
+                             "--port", "0", "--insecure", "--metrics-port", "0", "--mirror"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     head = []
     try:
