@@ -1,7 +1,7 @@
 """A learned linear projection of datastore keys (PCA), applied behind the Datastore interface.
 
-Keys are searched by squared L2, so the projection is a centred PCA with an orthonormal
-basis: ``P(x) = B (x - mu)`` with ``B Bᵀ = I``. Then ``|P(x) - P(q)|² = |x - q|²`` minus the
+Keys are searched by squared L2, so the projection is a centred PCA, randomly rotated so that
+quantisers see balanced coordinates, with an orthonormal basis: ``P(x) = B (x - mu)`` with ``B Bᵀ = I``. Then ``|P(x) - P(q)|² = |x - q|²`` minus the
 part of ``x - q`` in the discarded directions, which for neighbours of real keys is small when
 the kept components hold most of the variance. Near neighbours, though, differ largely in the
 low-variance directions a small projection drops (on pydocs keys, 576 -> 64 dimensions keeps 73%
@@ -31,6 +31,7 @@ from knnlm_vdb.errors import Incompatible, InvalidInput
 log = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 32768  # keys a build fits the projection on (the first ones it encodes)
+ROTATION_SEED = 0  # of the random rotation applied after the PCA (see ``fit``)
 
 
 def check_project_dim(dim_out, dim_in: int) -> None:
@@ -106,7 +107,12 @@ class Projection:
         order = np.argsort(evals)[::-1][:dim_out]
         total = float(np.clip(evals, 0, None).sum()) or 1.0
         kept = float(np.clip(evals[order], 0, None).sum()) / total
-        basis = np.ascontiguousarray(evecs[:, order].T, dtype=np.float32)
+        # then a fixed random rotation of the kept components: distances are unchanged, but PCA
+        # piles the variance into the first coordinates, and PQ (one codebook per group of
+        # coordinates) or SQ then spend their bits unevenly; measured at 408k pydocs keys,
+        # pca128+pq32 went from +1.56% to +0.55% perplexity against exact search
+        rotation = np.linalg.qr(np.random.default_rng(ROTATION_SEED).standard_normal((dim_out, dim_out)))[0]
+        basis = np.ascontiguousarray(rotation @ evecs[:, order].T, dtype=np.float32)
         mean = mean.astype(np.float32)
         scale = _distance_scale(np.asarray(keys, dtype=np.float32), mean, basis)
         log.info("fitted a %d -> %d projection on %d keys (%.1f%% of the variance kept, distance scale %.3f)",
