@@ -201,16 +201,25 @@ class Datastore(ABC):
         self.close()
 
 
-def pad_results(distances: list[list[float]], values: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged per-query hits -> fixed ``[n, k]`` arrays with missing slots marked."""
+def pad_results(distances: list[list[float]], values: list[list[int]], k: int,
+                dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged per-query hits -> fixed ``[n, k]`` arrays with missing slots marked (inf, MISSING_VALUE)."""
     n = len(distances)
     d = np.full((n, k), np.inf, dtype=np.float32)
-    v = np.full((n, k), MISSING_VALUE, dtype=np.int32)
+    v = np.full((n, k), MISSING_VALUE, dtype=dtype)
     for i, (di, vi) in enumerate(zip(distances, values)):
         m = min(len(di), k)
         d[i, :m] = di[:m]
         v[i, :m] = vi[:m]
     return d, v
+
+
+def take_rows(dist: np.ndarray, rows: np.ndarray, column: np.ndarray, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """A FAISS answer (distances, row numbers with -1 where unfilled) -> (float32 distances with
+    ``inf``, ``column[rows]`` with MISSING_VALUE) in the unfilled slots."""
+    valid = rows >= 0
+    values = np.where(valid, column[np.where(valid, rows, 0)], MISSING_VALUE).astype(dtype)
+    return np.where(valid, dist, np.inf).astype(np.float32), values
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo
+from knnlm_vdb.datastore.base import MISSING_VALUE, Datastore, StoreInfo, take_rows
 from knnlm_vdb.datastore.faiss_check import KEY_DTYPES, check_sizes, open_meta, read_index, refusal
 from knnlm_vdb.datastore.faiss_index import (INDEX_TYPES, TRAINED, bytes_per_entry, check_options, default_nlist,
                                              default_pq_m, exact_distances, min_train_rows, train)
@@ -287,9 +287,7 @@ class FaissDatastore(Datastore):
             dist = exact_distances(self.keys(), queries, rows)
             order = np.argsort(dist, axis=1, kind="stable")
             dist, rows = np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
-        valid = rows >= 0
-        values = np.where(valid, self._values[np.where(valid, rows, 0)], MISSING_VALUE).astype(np.int32)
-        dist = np.where(valid, dist, np.inf).astype(np.float32)
+        dist, values = take_rows(dist, rows, self._values)
         if self.projection is not None:
             dist = self.projection.scale_distances(dist)
         if dist.shape[1] < k:

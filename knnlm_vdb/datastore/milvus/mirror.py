@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from knnlm_vdb.datastore.base import take_rows
 from knnlm_vdb.datastore.milvus.connection import quiet_pymilvus
 
 log = logging.getLogger(__name__)
@@ -34,20 +35,22 @@ _LOCK = threading.Lock()
 _WRITES: dict[tuple[str, str], int] = {}
 
 
-def _key(uri: str, domain: str) -> tuple[str, str]:
+def domain_key(uri: str, domain: str) -> tuple[str, str]:
+    """What the write counter is kept under (one path per Lite database, however it was spelled)."""
     return os.path.realpath(uri), domain
 
 
 def note_write(uri: str, domain: str) -> None:
     """Rows of ``domain`` at ``uri`` changed (or its collection did): mirrors of it are stale."""
+    key = domain_key(uri, domain)
     with _LOCK:
-        k = _key(uri, domain)
-        _WRITES[k] = _WRITES.get(k, 0) + 1
+        _WRITES[key] = _WRITES.get(key, 0) + 1
 
 
-def write_count(uri: str, domain: str) -> int:
+def write_count(key: tuple[str, str]) -> int:
+    """Writes noted so far for a ``domain_key`` (a dict read per search: no path resolution there)."""
     with _LOCK:
-        return _WRITES.get(_key(uri, domain), 0)
+        return _WRITES.get(key, 0)
 
 
 class Copy:
@@ -58,24 +61,19 @@ class Copy:
         self.index, self.ids, self.targets, self.doc_ids = index, ids, targets, doc_ids
         self.positions, self.version = positions, version
 
-    def search(self, stored_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(squared L2 distances, row numbers; -1 where fewer than ``k`` rows exist), each ``[n, k]``."""
-        d, rows = self.index.search(np.ascontiguousarray(stored_queries, dtype=np.float32), k)
-        return np.where(rows >= 0, d, np.inf).astype(np.float32), rows
+    def _rows(self, stored_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(stored_queries, dtype=np.float32), k)
 
-    def hits(self, stored_queries: np.ndarray, k: int, what: str) -> tuple[list, list]:
-        """Ragged per-query distances and ``what`` ("target" values or "id"s), as ``MilvusDatastore._search``."""
-        d, rows = self.search(stored_queries, k)
-        column = self.targets if what == "target" else self.ids
-        dists, found = [], []
-        for di, ri in zip(d, rows):
-            ok = ri >= 0
-            dists.append(di[ok])
-            found.append(column[ri[ok]])
-        return dists, found
+    def search(self, stored_queries: np.ndarray, k: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """``[n, k]`` distances and ``what`` ("target" values, int32, or entry "id"s, int64), as
+        ``MilvusDatastore._search`` answers."""
+        d, rows = self._rows(stored_queries, k)
+        if what == "target":
+            return take_rows(d, rows, self.targets)
+        return take_rows(d, rows, self.ids, np.int64)
 
     def entries(self, stored_queries: np.ndarray, n: int, domain: str) -> list[list[dict]]:
-        d, rows = self.search(stored_queries, max(n, 1))
+        d, rows = self._rows(stored_queries, max(n, 1))
         return [[{"domain": domain, "doc_id": self.doc_ids[r], "position": int(self.positions[r]),
                   "distance": float(dist), "target": int(self.targets[r])}
                  for dist, r in zip(di[:n], ri[:n]) if r >= 0] for di, ri in zip(d, rows)]
@@ -85,7 +83,8 @@ class LiteMirror:
     """The current ``Copy`` of one Lite domain, re-read when this process has written to the domain."""
 
     def __init__(self, client, uri: str, domain: str, name: str, dim: int):
-        self.client, self.uri, self.domain, self.name, self.dim = client, uri, domain, name, dim
+        self.client, self.domain, self.name, self.dim = client, domain, name, dim
+        self.key = domain_key(uri, domain)
         self.copy: Copy | None = None
         self._lock = threading.Lock()
 
@@ -97,14 +96,14 @@ class LiteMirror:
     def current(self) -> Copy:
         """The copy to search, re-read first when the domain was written since the last read."""
         with self._lock:
-            if self.copy is None or self.copy.version != write_count(self.uri, self.domain):
+            if self.copy is None or self.copy.version != write_count(self.key):
                 self.copy = self._read()
             return self.copy
 
     def _read(self) -> Copy:
         import faiss
 
-        version = write_count(self.uri, self.domain)  # before the read: a write during it re-reads next time
+        version = write_count(self.key)  # before the read: a write during it re-reads next time
         t0 = time.perf_counter()
         keys, ids, targets, docs, positions = [], [], [], [], []
         with quiet_pymilvus():  # Lite's iterator asks for a timestamp it does not serve, and logs it

@@ -323,31 +323,27 @@ class MilvusDatastore(Datastore):
                                               search_params=request, output_fields=fields,
                                               consistency_level=self.consistency)
 
-    def _search(self, queries: np.ndarray, k: int, what: str) -> tuple[list, list]:
-        """Ragged per-query distances and ``what`` ("target" values or "id"s)."""
+    def _search(self, queries: np.ndarray, k: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """``[n, k]`` stored-space distances (``inf`` where unfilled) and ``what``: "target" values
+        (int32) or entry "id"s (int64), -1 where unfilled."""
         queries = self.to_stored(queries)
         if self.mirror is not None:
             with rpc(f"mirror {self.name}", self.uri):
-                return self.mirror.current().hits(queries, k, what)
+                return self.mirror.current().search(queries, k, what)
         dists: list = []
         found: list = []
         for hits in self._results(queries, k, ["target"] if what == "target" else []):
             dists.append(hits.distances)
             found.append([h["entity"]["target"] for h in hits] if what == "target" else hits.ids)
-        return dists, found
+        return pad_results(dists, found, k, np.int32 if what == "target" else np.int64)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        d, v = pad_results(*self._search(queries, k, "target"), k)
+        d, v = self._search(queries, k, "target")
         return (self.projection.scale_distances(d) if self.projection is not None else d), v
 
     def search_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but with the neighbours' entry ids (int64, -1 when unfilled): for recall checks."""
-        dists, ids = self._search(queries, k, "id")
-        d, _ = pad_results(dists, [[0] * len(x) for x in ids], k)
-        out = np.full((len(ids), k), -1, dtype=np.int64)
-        for i, row in enumerate(ids):
-            out[i, :min(len(row), k)] = row[:k]
-        return d, out
+        return self._search(queries, k, "id")
 
     def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
         """Provenance of each query's ``n`` nearest entries: the stored doc_id and position fields."""
