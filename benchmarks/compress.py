@@ -53,6 +53,9 @@ FORMS = {
     "server:pca128+IVF_PQ16": ("server", "IVF_PQ", 16, 128, False),  # Milvus Lite 3.2.2 cannot build IVF_PQ
     "server:pca192+IVF_PQ24": ("server", "IVF_PQ", 24, 192, False),  # 32 B key: 24 B codes + 8 B id
     "server:pca96+IVF_PQ24": ("server", "IVF_PQ", 24, 96, False),
+    "server:pca72+IVF_PQ24": ("server", "IVF_PQ", 24, 72, False),  # 3 dims per code byte, as pca96+pq32
+    "pca96+pq32": ("faiss", "pq", 32, 96, False),
+    "pca64+pq32": ("faiss", "pq", 32, 64, False),
 }
 
 DEFAULT_FORMS = ("flat", "pca128", "pca64+sq8", "pca32+sq8", "pca128+pq32", "pca128+pq16", "milvus:pca24+IVF_SQ8",
@@ -83,20 +86,34 @@ def knnlm_ppl(data: dict, dist: np.ndarray, vals: np.ndarray, k: int, t: float, 
     return perplexity(interpolate(data["lm_logprobs"], knn, lam))
 
 
-def search_ids(store, ids_of_rows: np.ndarray | None, queries: np.ndarray, k: int):
-    """(distances, values, entry ids) of the ``k`` nearest, in batches."""
+def search_ids(store, src: FaissDatastore, queries: np.ndarray, k: int):
+    """(distances, values, entry ids) of the ``k`` nearest, in batches.
+
+    A Milvus form is searched once, for ids: the values come from the source rows the form was
+    filled with (same ids), and the distances get the projection's scale as ``search`` applies it.
+    Searching it twice (values, then ids) doubled the slowest part of a 408k-entry run."""
+    ids_of_rows, values = src.ids(), src.values()
+    row_of = None
     out_d, out_v, out_i = [], [], []
     for i in range(0, len(queries), 512):
         q = queries[i:i + 512]
-        d, v = store.search(q, k)
         if isinstance(store, FaissDatastore):
+            d, v = store.search(q, k)
             _, rows = store.search_rows(q, k)
             if store.index_spec["type"] != "flat" and store.index_spec["recompute"]:  # the order search() used
                 order = np.argsort(exact_distances(store.keys(), store.to_stored(q), rows), axis=1, kind="stable")
                 rows = np.take_along_axis(rows, order, 1)
             ids = ids_of_rows[np.where(rows >= 0, rows, 0)]
         else:
-            _, ids = store.search_ids(q, k)
+            if row_of is None:
+                order = np.argsort(ids_of_rows, kind="stable")
+                row_of = (ids_of_rows[order], order)
+            d, ids = store.search_ids(q, k)
+            if store.projection is not None:
+                d = store.projection.scale_distances(d)
+            sorted_ids, order = row_of
+            pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+            v = np.where(ids >= 0, np.asarray(values)[order[pos]], -1).astype(np.int32)
         out_d.append(d), out_v.append(v), out_i.append(ids)
     return np.concatenate(out_d), np.concatenate(out_v), np.concatenate(out_i)
 
@@ -118,7 +135,8 @@ def server_uri(work: Path) -> str:
     return _SERVER[0].uri
 
 
-def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, uri: str, train_rows: int):
+def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, uri: str, train_rows: int,
+               nprobe: int = 32):
     backend, index, pq_m, pdim, recompute = FORMS[name]
     proj = Projection.fit(sample, pdim) if pdim else None
     keys, values, ids = src.keys(), src.values(), src.ids()
@@ -139,7 +157,7 @@ def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, u
         if backend == "server":
             uri = server_uri(work)
         store = MilvusDatastore.create(uri, domain, src.info, index_type=index, index_params=params,
-                                       search_params={"nprobe": 32}, projection=proj)
+                                       search_params={"nprobe": nprobe}, projection=proj)
         for i in range(0, len(keys), 8192):
             store.add(ids[i:i + 8192], np.asarray(keys[i:i + 8192], np.float32), values[i:i + 8192],
                       doc_ids=["d"] * len(ids[i:i + 8192]), positions=np.arange(i, i + len(ids[i:i + 8192])))
@@ -154,13 +172,15 @@ def main():
     ap.add_argument("--tune-json", default=str(CACHE / "gen-pydocs-tune.json"),
                     help="`knnlm-vdb tune --json` output for it (else tuned here on --valid-tokens)")
     ap.add_argument("--test-tokens", type=int, default=6000)
-    ap.add_argument("--valid-tokens", type=int, default=4000)
+    ap.add_argument("--valid-tokens", type=int, default=20000,
+                    help="pydocs valid tokens every form is tuned on (4,000 left the λ choice to noise)")
     ap.add_argument("--forms", default=",".join(DEFAULT_FORMS), help="comma-separated subset of: " + ", ".join(FORMS))
     ap.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS, help="first keys the projections are fitted on")
     ap.add_argument("--recall-k", type=int, default=64)
     ap.add_argument("--milvus-exact-settings-only", action="store_true",
                     help="Milvus forms: search the test tokens at the exact store's k only (no own tune; Lite is "
                          "slow at k=1024)")
+    ap.add_argument("--nprobe", type=int, default=32, help="IVF lists a Milvus form searches (of nlist 256)")
     ap.add_argument("--train-rows", type=int, default=10000, help="random rows the SQ8/PQ quantisers train on")
     ap.add_argument("--work", default=str(CACHE / "compress" / "stores"), help="scratch for the compressed stores")
     args = ap.parse_args()
@@ -172,10 +192,9 @@ def main():
     enc = Encoder(load_lm(src.info.model), key_type=src.info.key_type)
     tag = f"{src.info.model}-{src.info.key_type}"
     test = lm_pass(enc, "test", args.test_tokens, tag)
-    ids_of_rows = src.ids()
     max_k = 1024
     t0 = time.perf_counter()
-    d_ex, v_ex, i_ex = search_ids(src, ids_of_rows, test["keys"], max_k)
+    d_ex, v_ex, i_ex = search_ids(src, src, test["keys"], max_k)
     exact_s = time.perf_counter() - t0
     tuned = None
     tj = Path(args.tune_json)
@@ -186,7 +205,7 @@ def main():
 
     def own_tune(store) -> dict:
         """k, T, λ tuned for ``store`` on the valid tokens, as `knnlm-vdb tune` would."""
-        dv, vv = store.search(valid["keys"], max_k)
+        dv, vv, _ = search_ids(store, src, valid["keys"], max_k)
         return tune(Neighbours(valid["targets"], valid["lm_logprobs"], dv, vv, None, None), ks=KS)["best"]
 
     exact_own = own_tune(src)
@@ -204,7 +223,8 @@ def main():
     prior = RESULTS / "compress.json"
     if prior.exists():  # resume: keep the forms a run over the same rows and tokens measured
         old = json.loads(prior.read_text())
-        if (old.get("entries"), old.get("tokens"), old.get("k")) == (src.count(), len(test["targets"]), k):
+        if (old.get("entries"), old.get("tokens"), old.get("valid_tokens"), old.get("k")) == (
+                src.count(), len(test["targets"]), args.valid_tokens, k):
             rows = old["rows"]
     for name in [f for f in args.forms.split(",") if f]:
         if name not in FORMS:
@@ -217,10 +237,10 @@ def main():
         if name == "flat":
             store, build_s = src, 0.0
         else:
-            store, build_s = build_form(name, src, sample, work, uri, args.train_rows)
+            store, build_s = build_form(name, src, sample, work, uri, args.train_rows, args.nprobe)
         t0 = time.perf_counter()
         quick = FORMS[name][0] != "faiss" and args.milvus_exact_settings_only
-        d, v, i = search_ids(store, ids_of_rows, test["keys"], max(k, rk) if quick else max(max_k, rk))
+        d, v, i = search_ids(store, src, test["keys"], max(k, rk) if quick else max(max_k, rk))
         search_s = time.perf_counter() - t0
         own = {"k": None, "temperature": None, "lambda": None} if quick else own_tune(store)
         own_ppl = None if quick else knnlm_ppl(test, d, v, own["k"], own["temperature"], own["lambda"])
@@ -263,7 +283,7 @@ def report(args, src, test, rows, tuned_from, k, t, lam, base_ppl, exact_ppl, ex
             f"λ={exact_own['lambda']}, test ppl {exact_own_ppl:.3f}); projections fitted on the first "
             f"{n_sample:,} keys\n\n")
     write_results("compress", {"datastore": args.datastore, "entries": src.count(), "tokens": len(test["targets"]),
-                               "k": k, "temperature": t, "lambda": lam, "tuned_from": tuned_from,
+                               "valid_tokens": args.valid_tokens, "k": k, "temperature": t, "lambda": lam, "tuned_from": tuned_from,
                                "base_ppl": base_ppl, "exact_ppl": exact_ppl, "exact_search_s": round(exact_s, 1),
                                "exact_own_tune": exact_own, "exact_own_ppl": exact_own_ppl,
                                "sample_rows": n_sample, "recall_k": rk, "rows": rows},
