@@ -48,27 +48,34 @@ bench: $(VENV)/.dev
 	$(MAKE) bench-compress
 	$(MAKE) bench-scale
 
-# the datastores of benchmarks/generate.py and memory.py: built and tuned by the CLI itself, once (cached)
+# the datastores of benchmarks/generate.py and memory.py: built and tuned by the CLI itself, once (cached);
+# `tune` fits each domain's calibration and the in-document cache's. Small enough to build in ~10 min on 2 cores.
 GEN_KNN := ../$(VENV)/bin/knnlm-vdb
 CORPORA ?= $(or $(KNNLM_CORPORA),../../shared/corpora)
+MEM_PYDOCS := 68607
+MEM_DEBREF := 30000
+MEM_STORES := --pydocs cache/mem-pydocs-$(MEM_PYDOCS)-flat --debref cache/mem-debref-$(MEM_DEBREF)-flat
 bench-datastores: $(VENV)/.dev
-	cd benchmarks && test -f cache/gen-pydocs-120000-flat/meta.json || $(GEN_KNN) build \
-		--corpus $(CORPORA)/pydocs/train.txt --out cache/gen-pydocs-120000-flat --max-tokens 120000 --json
-	cd benchmarks && test -f cache/gen-debref-all-flat/meta.json || $(GEN_KNN) build \
-		--corpus $(CORPORA)/debref/train.txt --out cache/gen-debref-all-flat --json
-	cd benchmarks && for d in pydocs-120000 debref-all; do c=$${d%%-*}; test -f cache/gen-$$c-tune.json || \
-		$(GEN_KNN) tune --datastore cache/gen-$$d-flat --valid $(CORPORA)/$$c/valid.txt --max-tokens 10000 \
-		--json > cache/gen-$$c-tune.json.tmp && mv cache/gen-$$c-tune.json.tmp cache/gen-$$c-tune.json; done
+	cd benchmarks && test -f cache/mem-pydocs-$(MEM_PYDOCS)-flat/meta.json || $(GEN_KNN) build \
+		--corpus $(CORPORA)/pydocs/train.txt --out cache/mem-pydocs-$(MEM_PYDOCS)-flat --max-tokens $(MEM_PYDOCS) --json
+	cd benchmarks && test -f cache/mem-debref-$(MEM_DEBREF)-flat/meta.json || $(GEN_KNN) build \
+		--corpus $(CORPORA)/debref/train.txt --out cache/mem-debref-$(MEM_DEBREF)-flat --max-tokens $(MEM_DEBREF) --json
+	cd benchmarks && for d in pydocs-$(MEM_PYDOCS) debref-$(MEM_DEBREF); do c=$${d%%-*}; \
+		test -s cache/mem-$$c-tune.json || $(GEN_KNN) tune --datastore cache/mem-$$d-flat \
+		--valid $(CORPORA)/$$c/valid.txt --max-tokens 5000 --json > cache/mem-$$c-tune.json.tmp && mv cache/mem-$$c-tune.json.tmp cache/mem-$$c-tune.json; done
 
 bench-generate: bench-datastores
-	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
-		--skip-quality
-	cd benchmarks && ../$(PY) generate.py --pydocs cache/gen-pydocs-120000-flat --debref cache/gen-debref-all-flat \
-		--skip-speed --prompts 96 --context 512 --new-tokens 32 --name generate-quality
+	cd benchmarks && ../$(PY) generate.py $(MEM_STORES) --skip-quality --work-dir cache/generate-bench-mem
+	cd benchmarks && ../$(PY) generate.py $(MEM_STORES) --skip-speed --prompts 200 --context 512 --new-tokens 32 \
+		--name generate-quality
+
+# the in-document cache: with and without it, in domain and across (runs in well under an hour on 2 CPU cores)
+bench-memory: bench-datastores
+	cd benchmarks && ../$(PY) memory.py $(MEM_STORES) --tokens 12000
 
 # benchmarks/scale.py: a Milvus standalone server of its own (PyPI milvus, free port, data in
 # cache/scale-milvus, removed afterwards) grown to 1M, 3M and 10M entries resampled from the real keys
-# of the generation datastore above (PCA to 64 dims); about an hour on 2 cores, configurations that
+# of a 120,000-entry pydocs datastore (PCA to 64 dims); about an hour on 2 cores, configurations that
 # would not fit the --budget-min are recorded as skipped.
 bench-scale: $(VENV)/.dev
 	cd benchmarks && test -f cache/gen-pydocs-120000-flat/meta.json || $(GEN_KNN) build \
@@ -79,22 +86,6 @@ bench-scale: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache benchmarks/cache
-
-# the in-document cache: with and without it, in domain and across. Its own smaller datastores
-# (built and tuned by the CLI; tune fits each domain's calibration and the cache's), so that it
-# runs in well under an hour on 2 CPU cores.
-MEM_PYDOCS := 68607
-MEM_DEBREF := 30000
-bench-memory: $(VENV)/.dev
-	cd benchmarks && test -f cache/mem-pydocs-$(MEM_PYDOCS)-flat/meta.json || $(GEN_KNN) build \
-		--corpus $(CORPORA)/pydocs/train.txt --out cache/mem-pydocs-$(MEM_PYDOCS)-flat --max-tokens $(MEM_PYDOCS) --json
-	cd benchmarks && test -f cache/mem-debref-$(MEM_DEBREF)-flat/meta.json || $(GEN_KNN) build \
-		--corpus $(CORPORA)/debref/train.txt --out cache/mem-debref-$(MEM_DEBREF)-flat --max-tokens $(MEM_DEBREF) --json
-	cd benchmarks && for d in pydocs-$(MEM_PYDOCS) debref-$(MEM_DEBREF); do c=$${d%%-*}; \
-		test -f cache/mem-$$c-tune.json || $(GEN_KNN) tune --datastore cache/mem-$$d-flat \
-		--valid $(CORPORA)/$$c/valid.txt --max-tokens 5000 --json > cache/mem-$$c-tune.json.tmp && mv cache/mem-$$c-tune.json.tmp cache/mem-$$c-tune.json; done
-	cd benchmarks && ../$(PY) memory.py --pydocs cache/mem-pydocs-$(MEM_PYDOCS)-flat \
-		--debref cache/mem-debref-$(MEM_DEBREF)-flat --tokens 12000
 
 # compressed keys: bytes per entry against kNN-LM perplexity, on the issue's 408k-entry pydocs datastore
 # (the CLI's build: about 80 min on 2 CPU cores); each form is tuned on its own (k, T, λ) on pydocs valid

@@ -201,8 +201,8 @@ def main() -> None:
             "kNN-LM tokens/s against the base model's `generate` in the same run.\n\n" + markdown_table(rows, [
                 ("system", "system", ""), ("lambda", "λ", ""), ("k", "k", ""), ("batch", "batch", ""),
                 ("base_tokens_per_s", "base tokens/s", ".1f"), ("knn_tokens_per_s", "kNN-LM tokens/s", ".1f"),
-                ("ratio", "× base", ".2f"), ("searched", "searched", ".0%"),
-                ("mirror_read_s", "mirror read s", ".1f")]))
+                ("ratio", "× base", ".2f"), ("searched", "searched", ".0%")]
+                + ([("mirror_read_s", "mirror read s", ".1f")] if any("mirror_read_s" in r for r in rows) else [])))
         save()
     if not args.skip_quality:
         pairs = prompts_of(test_ids, args.prompts, args.context, args.new_tokens)

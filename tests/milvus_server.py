@@ -34,7 +34,7 @@ class MilvusTestServer:
 
     def __init__(self, base_dir: str | Path, port: int | None = None, settings: dict | None = None):
         """``settings``: extra Milvus config values by dotted key, e.g. ``{"proxy.timeTickInterval": 50}``."""
-        self.base_dir = Path(base_dir)
+        self.base_dir = Path(base_dir).resolve()  # the server and its etcd.yaml path must not depend on cwd
         self.port = port or free_port()
         self.settings = dict(settings or {})
         self.uri: str | None = None
