@@ -70,23 +70,26 @@ def connect(uri: str, token: str | None = None, timeout: float | None = None, db
     deployment = deployment_of(uri)
     timeout = DEFAULT_CONNECT_TIMEOUT if timeout is None else float(timeout)
     shown = redact_uri(uri)
-    if deployment == "lite":
-        check_lite_location(uri, create=not must_exist)
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot create a Milvus Lite database at {uri}: {exc.strerror}") from None
-    try:
-        # Milvus Lite starts its embedded server on the first connection to a file; two threads doing
-        # that at once both try to lock the file and one fails, so Lite connections are made one at a time
-        with _LITE_CONNECT_LOCK if deployment == "lite" else nullcontext(), lite_errors() as lite_failures:
-            client = MilvusClient(uri=uri, token=token or "", db_name=db_name or "", timeout=timeout)
-    except MilvusException as exc:
+    # Milvus Lite starts its embedded server on the first connection to a file; two threads doing
+    # that at once both try to lock the file and one fails, so Lite connections are made one at a
+    # time, the location check included (a thread checking while another creates the database
+    # would see a path that is neither missing nor a directory yet)
+    with _LITE_CONNECT_LOCK if deployment == "lite" else nullcontext():
         if deployment == "lite":
-            raise lite_open_error(uri, lite_failures) from None
-        raise BackendUnavailable(f"cannot connect to Milvus at {shown} within {timeout:g}s: {exc.message}") from None
-    except Exception as exc:  # grpc/URI errors that pymilvus does not wrap
-        raise BackendUnavailable(f"cannot connect to Milvus at {shown}: {exc}") from None
+            check_lite_location(uri, create=not must_exist)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+            except OSError as exc:
+                raise BackendUnavailable(f"cannot create a Milvus Lite database at {uri}: {exc.strerror}") from None
+        try:
+            with lite_errors() as lite_failures:
+                client = MilvusClient(uri=uri, token=token or "", db_name=db_name or "", timeout=timeout)
+        except MilvusException as exc:
+            if deployment == "lite":
+                raise lite_open_error(uri, lite_failures) from None
+            raise BackendUnavailable(f"cannot connect to Milvus at {shown} within {timeout:g}s: {exc.message}") from None
+        except Exception as exc:  # grpc/URI errors that pymilvus does not wrap
+            raise BackendUnavailable(f"cannot connect to Milvus at {shown}: {exc}") from None
     log.debug("connected to Milvus at %s", shown)
     return client
 
