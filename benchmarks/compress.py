@@ -172,7 +172,7 @@ def main():
     ap.add_argument("--tune-json", default=str(CACHE / "gen-pydocs-tune.json"),
                     help="`knnlm-vdb tune --json` output for it (else tuned here on --valid-tokens)")
     ap.add_argument("--test-tokens", type=int, default=6000)
-    ap.add_argument("--valid-tokens", type=int, default=20000,
+    ap.add_argument("--valid-tokens", type=int, default=16000,
                     help="pydocs valid tokens every form is tuned on (4,000 left the λ choice to noise)")
     ap.add_argument("--forms", default=",".join(DEFAULT_FORMS), help="comma-separated subset of: " + ", ".join(FORMS))
     ap.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS, help="first keys the projections are fitted on")
