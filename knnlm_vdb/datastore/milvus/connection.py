@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
 _LITE_CONNECT_LOCK = threading.Lock()
+_LITE_CREATE_LOCKS: dict[str, threading.Lock] = {}
 _QUIET_LOCK = threading.Lock()
 _quiet_depth = 0
 _quiet_saved: list[int] = []
@@ -92,6 +93,20 @@ def connect(uri: str, token: str | None = None, timeout: float | None = None, db
             raise BackendUnavailable(f"cannot connect to Milvus at {shown}: {exc}") from None
     log.debug("connected to Milvus at %s", shown)
     return client
+
+
+def creation_lock(uri: str):
+    """A lock that makes creating domains in one Milvus Lite database one at a time (a no-op for a server).
+
+    Only one process can use a Lite file, so its concurrent creators are threads of this process,
+    and an in-process lock removes their race completely; Lite's own answers to concurrent
+    creates (a collection listed before it can be described) are not reliable enough to arbitrate.
+    Servers keep the token protocol of ``create.create_domain``, which works across processes.
+    """
+    if deployment_of(uri) != "lite":
+        return nullcontext()
+    with _LITE_CONNECT_LOCK:
+        return _LITE_CREATE_LOCKS.setdefault(os.path.abspath(uri), threading.Lock())
 
 
 def is_lite_database(path: str) -> bool:

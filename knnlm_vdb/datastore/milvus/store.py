@@ -20,8 +20,8 @@ import numpy as np
 
 from knnlm_vdb.datastore.base import Datastore, StoreInfo, pad_results
 from knnlm_vdb.datastore.milvus.catalog import NoSuchDomain, count_rows, meta_damage, no_such_domain, read_meta
-from knnlm_vdb.datastore.milvus.connection import (connect, deployment_of, ensure_loaded, is_lite_database, redact_uri,
-                                                   rpc, wait_for_index)
+from knnlm_vdb.datastore.milvus.connection import (connect, creation_lock, deployment_of, ensure_loaded,
+                                                   is_lite_database, redact_uri, rpc, wait_for_index)
 from knnlm_vdb.datastore.milvus.create import ALIAS_WAIT_S, create_domain
 from knnlm_vdb.datastore.milvus.index import MAX_NQ, IndexConfig, check_consistency, validate_index
 from knnlm_vdb.datastore.milvus.ledger import MilvusLedger
@@ -116,7 +116,7 @@ class MilvusDatastore(Datastore):
         meta["index"] = index.to_dict()
         client = connect(uri, must_exist=False, **conn)
         try:
-            with rpc(f"create domain {domain}", uri):
+            with creation_lock(uri), rpc(f"create domain {domain}", uri):
                 check_schema_version(client, uri)
                 created = create_domain(client, uri, domain, meta, index, consistency, deployment, exist_ok=exist_ok,
                                         alias_wait_s=transfer.get("alias_wait_s", ALIAS_WAIT_S))
