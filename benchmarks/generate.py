@@ -50,7 +50,7 @@ NAMES = {"faiss-ivfpq": "FAISS IVFPQ", "lite-hnsw": "Milvus Lite HNSW", "lite-mi
 def arguments():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pydocs", required=True, help="FAISS datastore of pydocs train (built and tuned)")
-    ap.add_argument("--debref", required=True, help="FAISS datastore of debref train (built and tuned)")
+    ap.add_argument("--debref", help="FAISS datastore of debref train (built and tuned; for the foreign quality rows)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ctx", type=int, default=1024, help="the encoder's window (prompts keep their last ctx tokens)")
     ap.add_argument("--prompts", type=int, default=200)
@@ -62,6 +62,8 @@ def arguments():
     ap.add_argument("--speed-tokens", type=int, default=64)
     ap.add_argument("--speed-ks", default="tuned,64", help="k values of the fixed-λ speed runs ('tuned': the tuned k)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--quality-stores", default="pydocs,debref",
+                    help="datastores the quality part decodes with (the base LM always runs)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--work-dir", default=str(CACHE / "generate-bench"))
@@ -179,13 +181,20 @@ def main() -> None:
     t0 = time.perf_counter()
     enc = Encoder(load_lm(args.model, device="cpu", dtype="float32"), ctx=args.ctx, stride=args.ctx // 2,
                   batch_size=2)
-    pydocs, debref = FaissDatastore(args.pydocs), FaissDatastore(args.debref)
-    for s in (pydocs, debref):
+    chosen = [s for s in args.quality_stores.split(",") if s]
+    if not chosen or set(chosen) - {"pydocs", "debref"}:
+        raise SystemExit(f"--quality-stores: a comma-separated subset of pydocs,debref, not {args.quality_stores!r}")
+    if "debref" in chosen and not args.skip_quality and not args.debref:
+        raise SystemExit("--debref is needed for the foreign quality rows (or --quality-stores pydocs)")
+    pydocs = FaissDatastore(args.pydocs)
+    debref = FaissDatastore(args.debref) if args.debref else None
+    for s in (pydocs, debref) if debref else (pydocs,):
         if "calibration" not in s.info.extra:
             raise SystemExit(f"{s.path} is not tuned: run `knnlm-vdb tune` on it first (see make bench)")
     test_ids = enc.tokenize(corpus_file("pydocs", "test").read_text())
-    payload = {"args": vars(args), "entries": {"pydocs": pydocs.count(), "debref": debref.count()},
-               "tuned": {"pydocs": pydocs.info.extra["tuned"], "debref": debref.info.extra["tuned"]}}
+    loaded = {"pydocs": pydocs, **({"debref": debref} if debref else {})}
+    payload = {"args": vars(args), "entries": {n: s.count() for n, s in loaded.items()},
+               "tuned": {n: s.info.extra["tuned"] for n, s in loaded.items()}}
     tables = {}
 
     def save():  # after each part: a later failure keeps what was measured
@@ -206,12 +215,13 @@ def main() -> None:
         save()
     if not args.skip_quality:
         pairs = prompts_of(test_ids, args.prompts, args.context, args.new_tokens)
-        rows = quality(enc, {"pydocs": pydocs, "debref": debref}, pairs, args.new_tokens, args.batch_size)
+        both = {"pydocs": (pydocs, "in domain"), "debref": (debref, "foreign")}
+        rows = quality(enc, {s: both[s][0] for s in chosen}, pairs, args.new_tokens, args.batch_size)
         payload["quality"] = rows
+        described = " and ".join(f"{s} ({both[s][0].count():,} entries, {both[s][1]})" for s in chosen)
         tables["quality"] = (
             f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs test, "
-            f"greedy {args.new_tokens} new tokens vs the true continuation; datastores pydocs "
-            f"({pydocs.count():,} entries, in domain) and debref ({debref.count():,}, foreign), exact "
+            f"greedy {args.new_tokens} new tokens vs the true continuation; datastores {described}, exact "
             "FAISS search, tuned k/T/λ and calibrations.\n\n" + markdown_table(rows, [
                 ("system", "system", ""), ("token_accuracy", "token accuracy", ".4f"),
                 ("delta_vs_base_pct", "Δ vs base %", "+.2f"), ("matched_prefix", "matched prefix", ".2f"),

@@ -133,14 +133,14 @@ def _check_max_tokens(max_tokens):
 @opt("consistency", type=click.Choice(CONSISTENCY_LEVELS), help="Milvus read consistency")
 @click.option("--max-tokens", type=int, default=None,
               help="stop after adding this many datastore entries (one per scored corpus token)")
-@opt("index", show_default=False, help="FAISS: flat|sq8|pq|ivfpq; Milvus: FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW, "
+@opt("index", show_default=False, help="FAISS: flat|sq8|pq|ivfpq|rq; Milvus: FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW, "
                                        "... (see README) [default: flat; HNSW on Milvus Lite]")
 @click.option("--nlist", type=int, default=None, help="IVF lists [default: ~4·sqrt(n)]")
-@click.option("--pq-m", type=int, default=None, help="PQ code bytes per entry (FAISS pq/ivfpq, Milvus IVF_PQ m) "
+@click.option("--pq-m", type=int, default=None, help="code bytes per entry (FAISS pq/ivfpq/rq, Milvus IVF_PQ m) "
                                                      "[default: 64-byte codes]")
 @opt("nprobe", type=int, help="IVF lists visited per query")
 @click.option("--recompute/--no-recompute", default=False,
-              help="FAISS sq8/pq/ivfpq: re-score candidates with the stored keys")
+              help="FAISS sq8/pq/ivfpq/rq: re-score candidates with the stored keys")
 @opt("key_dtype", type=click.Choice(["float16", "float32"]), help="FAISS key storage")
 @click.option("--project-dim", type=int, default=None,
               help="store keys projected to this dimension by a PCA fitted on the first keys [default: none]")

@@ -53,11 +53,11 @@ def test_projection_is_orthonormal_keeps_low_rank_distances_and_round_trips(tmp_
     assert np.array_equal(Projection.from_dict(json.loads(json.dumps(p.to_dict()))).basis, p.basis)
 
 
-@pytest.mark.parametrize("index", ["flat", "sq8", "pq"])
+@pytest.mark.parametrize("index", ["flat", "sq8", "pq", "rq"])
 def test_faiss_projected_store_finds_the_exact_neighbours_after_reopen(tmp_path, index):
     ids, keys, values = low_rank_rows(2000)
     proj = Projection.fit(keys[:1000], 4)
-    store = FaissDatastore.create(tmp_path / "ds", INFO, index=index, pq_m=4 if index == "pq" else None,
+    store = FaissDatastore.create(tmp_path / "ds", INFO, index=index, pq_m={"pq": 4, "rq": 5}.get(index),
                                   key_dtype="float32", projection=proj, recompute=index != "flat")
     store.add(ids[:1500], keys[:1500], values[:1500])  # model-space keys in
     store.finalize()
@@ -99,7 +99,8 @@ def test_sq8_and_pq_survive_reopen_and_appends_are_searchable(tmp_path):
 def test_bytes_per_entry_falls_with_compression(tmp_path):
     ids, keys, values = low_rank_rows(600)
     proj = Projection.fit(keys, 8)
-    forms = [("flat", None, None), ("sq8", None, None), ("sq8", proj, None), ("pq", None, 4), ("pq", proj, 2)]
+    forms = [("flat", None, None), ("sq8", None, None), ("sq8", proj, None), ("pq", None, 4), ("pq", proj, 2),
+             ("rq", proj, 3)]
     totals = []
     for i, (index, p, m) in enumerate(forms):
         s = FaissDatastore.create(tmp_path / str(i), INFO, index=index, pq_m=m, projection=p)
@@ -108,7 +109,7 @@ def test_bytes_per_entry_falls_with_compression(tmp_path):
         b = s.describe()["bytes_per_entry"]
         assert b["total"] == b["vectors"] + b["index"] + b["payload"] + b["rerank"]
         totals.append(b["total"])
-    assert totals == [16 * 4 + 4, 16 + 4, 8 + 4, 4 + 4, 2 + 4]
+    assert totals == [16 * 4 + 4, 16 + 4, 8 + 4, 4 + 4, 2 + 4, 3 + 4]
 
 
 def test_bad_compression_options_are_one_line_invalid_input(tmp_path):
@@ -119,6 +120,8 @@ def test_bad_compression_options_are_one_line_invalid_input(tmp_path):
         FaissDatastore.create(tmp_path / "a", INFO, index="pq", pq_m=5)
     with pytest.raises(InvalidInput, match="pq-m 3 must divide the key dimension 8"):
         FaissDatastore.create(tmp_path / "b", INFO, index="pq", pq_m=3, projection=Projection.fit(keys, 8))
+    with pytest.raises(InvalidInput, match="an rq code needs at least 2 bytes"):
+        FaissDatastore.create(tmp_path / "r", INFO, index="rq", pq_m=1)
     with pytest.raises(InvalidInput, match="unknown FAISS --index"):
         FaissDatastore.create(tmp_path / "c", INFO, index="lsh")
     with pytest.raises(InvalidInput, match="pq-m 5 must divide the key dimension 8"):

@@ -64,9 +64,9 @@ class IndexSpec:
     backend: str
     type: str
     nlist: int | None = None
-    pq_m: int | None = None  # PQ sub-quantizers (code bytes): FAISS pq/ivfpq, Milvus IVF_PQ m
+    pq_m: int | None = None  # code bytes: FAISS pq/ivfpq sub-quantizers or rq codebooks + norm, Milvus IVF_PQ m
     nprobe: int | None = None
-    recompute: bool = False  # FAISS sq8/pq/ivfpq: re-score candidates with the stored keys
+    recompute: bool = False  # FAISS sq8/pq/ivfpq/rq: re-score candidates with the stored keys
     project_dim: int | None = None  # learned key projection (PCA) to this dimension, fitted at build
     key_dtype: str = "float16"  # FAISS key storage
     M: int | None = None  # HNSW graph degree (Milvus)
@@ -81,14 +81,15 @@ class IndexSpec:
                      M: int | None = None, ef_construction: int | None = None, ef: int | None = None,
                      params: Mapping | None = None, search: Mapping | None = None,
                      project_dim: int | None = None) -> "IndexSpec":
-        """CLI-style options -> the spec: FAISS index names are lower case (flat, sq8, pq, ivfpq), Milvus
+        """CLI-style options -> the spec: FAISS index names are lower case (flat, sq8, pq, ivfpq, rq), Milvus
         ones upper case (FLAT, IVF_FLAT, IVF_SQ8, IVF_PQ, HNSW); nprobe only means something to a Milvus
         IVF index. What needs the key dimension is checked here only against ``project_dim``."""
         check_backend(backend)
         if project_dim is not None and (isinstance(project_dim, bool) or not isinstance(project_dim, int)
                                         or project_dim < 1):
             raise InvalidInput(f"--project-dim must be a positive integer, got {project_dim!r}")
-        if pq_m is not None and (pq_m < 1 or (project_dim and project_dim % pq_m)):
+        residual = backend == "faiss" and index.lower() == "rq"  # rq codes need not divide the dimension
+        if pq_m is not None and (pq_m < 1 or (project_dim and project_dim % pq_m and not residual)):
             raise InvalidInput(f"--pq-m {pq_m} must divide the key dimension {project_dim}")
         if backend == "faiss":
             return cls(backend, index.lower(), nlist=nlist, pq_m=pq_m, nprobe=nprobe, recompute=recompute,
