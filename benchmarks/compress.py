@@ -170,9 +170,9 @@ def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, u
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datastore", default=str(CACHE / "gen-pydocs-120000-flat"), help="exact FAISS flat store")
-    ap.add_argument("--tune-json", default=str(CACHE / "gen-pydocs-tune.json"),
-                    help="`knnlm-vdb tune --json` output for it (else tuned here on --valid-tokens)")
+    ap.add_argument("--datastore", default=str(CACHE / "cmp-pydocs-408000-flat"), help="exact FAISS flat store")
+    ap.add_argument("--tune-json", default="",
+                    help="`knnlm-vdb tune --json` output to score every form with (default: tuned here on --valid-tokens)")
     ap.add_argument("--test-tokens", type=int, default=6000)
     ap.add_argument("--valid-tokens", type=int, default=16000,
                     help="pydocs valid tokens every form is tuned on (4,000 left the λ choice to noise)")
@@ -199,8 +199,10 @@ def main():
     d_ex, v_ex, i_ex = search_ids(src, src, test["keys"], max_k)
     exact_s = time.perf_counter() - t0
     tuned = None
-    tj = Path(args.tune_json)
-    if tj.is_file() and tj.stat().st_size:
+    tj = Path(args.tune_json) if args.tune_json else None
+    if tj is not None:
+        if not (tj.is_file() and tj.stat().st_size):
+            raise SystemExit(f"--tune-json {tj}: no such tune result")
         tuned = json.loads(tj.read_text()).get("best")
         tuned_from = str(tj)
     valid = lm_pass(enc, "valid", args.valid_tokens, tag)

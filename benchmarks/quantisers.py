@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16384, help="database keys (the first ones)")
     ap.add_argument("--queries", type=int, default=1000, help="query keys (the ones after the database)")
     ap.add_argument("--dim", type=int, default=128, help="projection dimension")
-    ap.add_argument("--codes", default=",".join(CODES), help="faiss index_factory strings, comma-separated")
+    ap.add_argument("--codes", default=";".join(CODES), help="faiss index_factory strings, separated by ';'")
     ap.add_argument("--train-rows", type=int, default=16384, help="database rows the codes train on")
     ap.add_argument("-k", type=int, default=64)
     args = ap.parse_args()
@@ -61,7 +61,7 @@ def main() -> None:
     rows = [{"code": f"pca{args.dim} flat", "bytes": 4 * args.dim, "recall": recall(flat.search(pq, args.k)[1]),
              "rel_mse": 0.0, "seconds": 0.0}]
     sample = pdb[: min(len(pdb), 5000)]
-    for code in [c for c in args.codes.split(",") if c]:
+    for code in [c for c in args.codes.split(";") if c]:
         t = time.perf_counter()
         index = faiss.index_factory(args.dim, code)
         index.train(pdb[: args.train_rows])
