@@ -11,9 +11,10 @@ rq         ``IndexResidualQuantizer``: ``pq_m`` - 1 8-bit codebooks, each coding
            previous ones left, + a 1-byte norm (additive codes need it for L2), scanned
 =========  ==========================================================================  =====================
 
-At the same code size rq keeps more of each key than pq (on 16,384 pydocs keys projected to 128
-dimensions, recall@64 0.82 against pq's 0.78 at 32 bytes: benchmarks/quantisers.py), for a
-slower training (its codebooks are fitted one after another with a beam search) and encoding.
+At the same code size rq keeps more of each key than pq (16,384 pydocs keys projected to 128
+dimensions, 32 bytes: recall@64 0.821 against pq's 0.779, the projection alone 0.842;
+benchmarks/quantisers.py), for 3x the training time (its codebooks are fitted one after another,
+with a beam search) and a slower encoding.
 Trained forms (sq8, pq, ivfpq, rq) live in index.faiss. ``recompute`` re-scores each query's
 candidates with the stored keys (keys.bin, memory-mapped), the paper's exact re-ranking: it
 costs a read of those keys per search, so a re-ranking store counts them in its bytes per entry.
