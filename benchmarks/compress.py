@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from common import CACHE, RESULTS, corpus_file, markdown_table, setup_logging, write_results
+from scale_data import recall
 
 from knnlm_vdb.datastore.faiss_index import exact_distances
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
@@ -250,12 +251,11 @@ def main():
         own_ppl = None if quick else knnlm_ppl(test, d, v, own["k"], own["temperature"], own["lambda"])
         desc = store.describe()
         b = desc["bytes_per_entry"]
-        recall = float(np.mean([len(np.intersect1d(a[:rk], e[:rk])) / rk for a, e in zip(i, i_ex)]))
         ppl = knnlm_ppl(test, d, v, k, t, lam)
         proj = desc.get("projection") or {}
         rows.append({"form": name, "backend": FORMS[name][0], "dim": desc.get("stored_dim", desc["dim"]),
                      "explained": proj.get("explained_variance"), "key_bytes": b["vectors"] + b["index"],
-                     "bytes_per_entry": b["total"], "bytes_parts": b, "recall": recall, "ppl": ppl,
+                     "bytes_per_entry": b["total"], "bytes_parts": b, "recall": recall(i[:, :rk], i_ex[:, :rk]), "ppl": ppl,
                      "delta_pct": 100 * (ppl / exact_ppl - 1), "own_k": own["k"], "own_t": own["temperature"],
                      "own_lambda": own["lambda"], "own_ppl": own_ppl,
                      "own_delta_pct": None if quick else 100 * (own_ppl / exact_own_ppl - 1),

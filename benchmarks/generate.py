@@ -186,13 +186,12 @@ def main() -> None:
         raise SystemExit(f"--quality-stores: a comma-separated subset of pydocs,debref, not {args.quality_stores!r}")
     if "debref" in chosen and not args.skip_quality and not args.debref:
         raise SystemExit("--debref is needed for the foreign quality rows (or --quality-stores pydocs)")
-    pydocs = FaissDatastore(args.pydocs)
-    debref = FaissDatastore(args.debref) if args.debref else None
-    for s in (pydocs, debref) if debref else (pydocs,):
+    loaded = {"pydocs": FaissDatastore(args.pydocs), **({"debref": FaissDatastore(args.debref)} if args.debref else {})}
+    for s in loaded.values():
         if "calibration" not in s.info.extra:
             raise SystemExit(f"{s.path} is not tuned: run `knnlm-vdb tune` on it first (see make bench)")
+    pydocs = loaded["pydocs"]
     test_ids = enc.tokenize(corpus_file("pydocs", "test").read_text())
-    loaded = {"pydocs": pydocs, **({"debref": debref} if debref else {})}
     payload = {"args": vars(args), "entries": {n: s.count() for n, s in loaded.items()},
                "tuned": {n: s.info.extra["tuned"] for n, s in loaded.items()}}
     tables = {}
@@ -215,10 +214,10 @@ def main() -> None:
         save()
     if not args.skip_quality:
         pairs = prompts_of(test_ids, args.prompts, args.context, args.new_tokens)
-        both = {"pydocs": (pydocs, "in domain"), "debref": (debref, "foreign")}
-        rows = quality(enc, {s: both[s][0] for s in chosen}, pairs, args.new_tokens, args.batch_size)
+        rows = quality(enc, {s: loaded[s] for s in chosen}, pairs, args.new_tokens, args.batch_size)
         payload["quality"] = rows
-        described = " and ".join(f"{s} ({both[s][0].count():,} entries, {both[s][1]})" for s in chosen)
+        role = {"pydocs": "in domain", "debref": "foreign"}
+        described = " and ".join(f"{s} ({loaded[s].count():,} entries, {role[s]})" for s in chosen)
         tables["quality"] = (
             f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs test, "
             f"greedy {args.new_tokens} new tokens vs the true continuation; datastores {described}, exact "

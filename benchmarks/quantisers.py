@@ -24,9 +24,10 @@ import time
 import faiss
 import numpy as np
 from common import CACHE, markdown_table, setup_logging, write_results
+from scale_data import recall
 
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
-from knnlm_vdb.projection import Projection
+from knnlm_vdb.projection import SAMPLE_ROWS, Projection
 
 CODES = ("PQ32", "RQ31x8_Ncqint8")  # "OPQ32,PQ32" with --codes: in a first probe it trained longest and kept no more (0.78)
 
@@ -50,15 +51,12 @@ def main() -> None:
     exact = faiss.IndexFlatL2(db.shape[1])
     exact.add(db)
     truth = exact.search(q, args.k)[1]
-    proj = Projection.fit(db[: min(len(db), 32768)], args.dim)
+    proj = Projection.fit(db[:SAMPLE_ROWS], args.dim)
     pdb, pq = proj.apply(db), proj.apply(q)
-
-    def recall(found: np.ndarray) -> float:
-        return float(np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(found, truth)]))
 
     flat = faiss.IndexFlatL2(args.dim)
     flat.add(pdb)
-    rows = [{"code": f"pca{args.dim} flat", "bytes": 4 * args.dim, "recall": recall(flat.search(pq, args.k)[1]),
+    rows = [{"code": f"pca{args.dim} flat", "bytes": 4 * args.dim, "recall": recall(flat.search(pq, args.k)[1], truth),
              "rel_mse": 0.0, "seconds": 0.0}]
     sample = pdb[: min(len(pdb), 5000)]
     for code in [c for c in args.codes.split(";") if c]:
@@ -69,7 +67,7 @@ def main() -> None:
         found = index.search(pq, args.k)[1]
         decoded = index.sa_decode(index.sa_encode(sample))
         rel_mse = float(((decoded - sample) ** 2).sum(1).mean() / (sample ** 2).sum(1).mean())
-        rows.append({"code": f"pca{args.dim} + {code}", "bytes": int(index.sa_code_size()), "recall": recall(found),
+        rows.append({"code": f"pca{args.dim} + {code}", "bytes": int(index.sa_code_size()), "recall": recall(found, truth),
                      "rel_mse": rel_mse, "seconds": round(time.perf_counter() - t, 1)})
     head = (f"recall@{args.k} against exact {db.shape[1]}-d search: the first {args.rows:,} keys of "
             f"{args.datastore} as the database, the next {args.queries:,} as queries; projection "

@@ -69,7 +69,7 @@ def min_train_rows(spec: dict, n: int, dim: int) -> int:
     """Rows the form needs before it can be trained."""
     if spec["type"] == "ivfpq":
         return 39 * (spec["nlist"] or default_nlist(n))
-    if spec["type"] in ("pq", "rq"):
+    if spec["type"] in CODED:
         return PQ_TRAIN_ROWS
     return 1
 
@@ -89,7 +89,12 @@ def train(keys, spec: dict, dim: int, sample_size: int = 200_000, seed: int = 0)
                          f"use --index flat{' or a smaller --nlist' if kind == 'ivfpq' else ''}")
     if kind == "ivfpq" and spec["nprobe"] > nlist:
         raise KnnlmError(f"--nprobe {spec['nprobe']} exceeds nlist {nlist}")
-    factory = {"sq8": "SQ8", "pq": f"PQ{m}", "ivfpq": f"IVF{nlist},PQ{m}", "rq": f"RQ{(m or 2) - 1}x8_Ncqint8"}[kind]
+    if kind == "sq8":
+        factory = "SQ8"
+    elif kind == "rq":  # m - 1 codebooks + the 1-byte norm
+        factory = f"RQ{m - 1}x8_Ncqint8"
+    else:
+        factory = f"IVF{nlist},PQ{m}" if kind == "ivfpq" else f"PQ{m}"
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, size=min(n, max(sample_size, need)), replace=False))
     sample = np.ascontiguousarray(keys[rows], dtype=np.float32)
@@ -121,7 +126,7 @@ def bytes_per_entry(spec: dict, dim: int, key_width: int) -> dict:
     """
     kind = spec["type"]
     m = spec.get("pq_m") or default_pq_m(dim)
-    vectors = {"flat": 4 * dim, "sq8": dim, "pq": m, "ivfpq": m, "rq": m}[kind]
+    vectors = m if kind in CODED else {"flat": 4 * dim, "sq8": dim}[kind]
     index = 8 if kind == "ivfpq" else 0
     rerank = key_width if kind in TRAINED and spec.get("recompute") else 0
     codes = vectors + index if kind in TRAINED else 0
