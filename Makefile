@@ -101,12 +101,15 @@ store-408k: $(VENV)/.dev
 # continuation quality in domain with the 408k store (base, fixed λ, auto; about 75 min on 2 cores)
 bench-generate-408k: store-408k
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/cmp-pydocs-408000-flat --quality-stores pydocs --skip-speed \
-		--prompts 200 --context 512 --new-tokens 32 --name generate-quality-408k
+		--prompts 200 --context 512 --new-tokens 32 --kinds fixed,auto --name generate-quality-408k
 
 # compressed keys: bytes per entry against kNN-LM perplexity, on the 408k store; each form is tuned
 # on its own (k, T, λ) on 16,000 valid tokens; quantisers.py first compares the 32-byte codes' recall
-CMP_FORMS := flat,pca128+pq32,pca96+pq32,server:pca96+IVF_PQ24,pca128+rq32
+# (the second run: the 128-d forms on 30,000 test tokens, where 6,000 left the comparison to noise)
+CMP_FORMS := flat,pca128+pq32,pca96+pq32,server:pca96+IVF_PQ24,pca128,pca128+rq32
 bench-compress: store-408k
 	cd benchmarks && ../$(PY) quantisers.py --datastore cache/cmp-pydocs-408000-flat --rows 16384
 	cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat --test-tokens 6000 \
 		--forms $(CMP_FORMS)
+	cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat --test-tokens 30000 \
+		--forms flat,pca128,pca128+pq32,pca128+rq32 --name compress-30000

@@ -186,6 +186,7 @@ def main():
     ap.add_argument("--nprobe", type=int, default=32, help="IVF lists a Milvus form searches (of nlist 256)")
     ap.add_argument("--train-rows", type=int, default=10000, help="random rows the SQ8/PQ quantisers train on")
     ap.add_argument("--work", default=str(CACHE / "compress" / "stores"), help="scratch for the compressed stores")
+    ap.add_argument("--name", default="compress", help="results/<name>.{json,md}; a run resumes the forms it holds")
     args = ap.parse_args()
     setup_logging()
     from knnlm_vdb.encoder import Encoder
@@ -225,7 +226,7 @@ def main():
     sample = np.asarray(src.keys()[: args.sample_rows], np.float32)
     work = Path(args.work)
     rows = []
-    prior = RESULTS / "compress.json"
+    prior = RESULTS / f"{args.name}.json"
     if prior.exists():  # resume: keep the forms a run over the same rows and tokens measured
         old = json.loads(prior.read_text())
         if (old.get("entries"), old.get("tokens"), old.get("valid_tokens"), old.get("k")) == (
@@ -286,7 +287,7 @@ def report(args, src, test, rows, tuned_from, k, t, lam, base_ppl, exact_ppl, ex
             f"{args.valid_tokens} pydocs valid tokens (exact store: k={exact_own['k']}, T={exact_own['temperature']}, "
             f"λ={exact_own['lambda']}, test ppl {exact_own_ppl:.3f}); projections fitted on the first "
             f"{n_sample:,} keys\n\n")
-    write_results("compress", {"datastore": args.datastore, "entries": src.count(), "tokens": len(test["targets"]),
+    write_results(args.name, {"datastore": args.datastore, "entries": src.count(), "tokens": len(test["targets"]),
                                "valid_tokens": args.valid_tokens, "k": k, "temperature": t, "lambda": lam, "tuned_from": tuned_from,
                                "base_ppl": base_ppl, "exact_ppl": exact_ppl, "exact_search_s": round(exact_s, 1),
                                "exact_own_tune": exact_own, "exact_own_ppl": exact_own_ppl,

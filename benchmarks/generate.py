@@ -64,6 +64,10 @@ def arguments():
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--quality-stores", default="pydocs,debref",
                     help="datastores the quality part decodes with (the base LM always runs)")
+    ap.add_argument("--split", choices=("test", "valid"), default="test",
+                    help="pydocs split the continuation prompts come from (valid: for choosing settings)")
+    ap.add_argument("--kinds", default="fixed,auto,auto-nocache",
+                    help="kNN-LM systems of the quality part, a subset of fixed,auto,auto-nocache (the base LM always runs)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--work-dir", default=str(CACHE / "generate-bench"))
@@ -110,11 +114,25 @@ def speed(lm: KnnLM, prompts: list[list[int]], new: int, batch: int, lmbda, k: i
             "searched": searched / max(1, total)}
 
 
-def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int) -> list[dict]:
+KINDS = {"fixed": ("fixed λ (tuned)", None), "auto": ("--lambda auto", "auto"),
+         "auto-nocache": ("--lambda auto --no-cache", "auto-nocache")}  # the last: what the in-document cache adds
+
+
+def paired_interval(acc, base, draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the accuracy change vs base (%), resampling prompts in pairs: how
+    far the row's Δ could move with another 200 prompts of the same kind."""
+    acc, base = np.asarray(acc), np.asarray(base)
+    pick = np.random.default_rng(seed).integers(0, len(acc), (draws, len(acc)))
+    change = 100 * (acc[pick].sum(1) / np.maximum(base[pick].sum(1), 1e-12) - 1)
+    return float(np.percentile(change, 2.5)), float(np.percentile(change, 97.5))
+
+
+def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple(KINDS)) -> list[dict]:
     """Token accuracy and matched-prefix length of greedy continuations, per system."""
     lms = {name: KnnLM(enc, [store]) for name, store in stores.items()}
-    systems = [("base LM", None, 0.0)] + [(f"{name}, {kind}", name, lam) for name in stores
-                                          for kind, lam in (("fixed λ (tuned)", None), ("--lambda auto", "auto"))]
+    systems = [("base LM", None, 0.0)] + [
+        (f"{name}, {KINDS[kind][0]}", name, KINDS[kind][1]) for name in stores for kind in kinds
+        if kind != "auto-nocache" or "cache_calibration" in stores[name].info.extra]
     acc = {s[0]: [] for s in systems}
     prefix = {s[0]: [] for s in systems}
     searched = {s[0]: [0, 0] for s in systems}
@@ -133,8 +151,8 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int) -> list[dic
             lm = lms[name] if name else next(iter(lms.values()))
             if name is None:
                 settings = lm.settings(lmbda=0.0)
-            elif lam == "auto":
-                settings = lm.settings(lmbda="auto")
+            elif lam in ("auto", "auto-nocache"):
+                settings = lm.settings(lmbda="auto", cache=False if lam == "auto-nocache" else None)
             else:
                 t = stores[name].info.extra["tuned"]
                 settings = lm.settings(k=t["k"], temperature=t["temperature"], lmbda=t["lambda"])
@@ -167,8 +185,11 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int) -> list[dic
     rows = []
     for label, name, _ in systems:
         a = float(np.mean(acc[label]))
+        lo, hi = paired_interval(acc[label], acc["base LM"])
         rows.append({"system": label, "datastore": name or "–", "token_accuracy": a,
-                     "delta_vs_base_pct": 100 * (a / base_acc - 1), "matched_prefix": float(np.mean(prefix[label])),
+                     "delta_vs_base_pct": 100 * (a / base_acc - 1), "delta_ci95_pct": [lo, hi],
+                     "matched_prefix": float(np.mean(prefix[label])),
+                     "matches_per_prompt": [round(x * new) for x in acc[label]], "prefix_per_prompt": prefix[label],
                      "searched": searched[label][0] / max(1, searched[label][1]) if name else None,
                      "decode_seconds": seconds[label], "prefill_check_abs_dprob": cache_check.get(label)})
     return rows
@@ -213,17 +234,24 @@ def main() -> None:
                 + ([("mirror_read_s", "mirror read s", ".1f")] if any("mirror_read_s" in r for r in rows) else [])))
         save()
     if not args.skip_quality:
-        pairs = prompts_of(test_ids, args.prompts, args.context, args.new_tokens)
-        rows = quality(enc, {s: loaded[s] for s in chosen}, pairs, args.new_tokens, args.batch_size)
+        ids = test_ids if args.split == "test" else enc.tokenize(corpus_file("pydocs", "valid").read_text())
+        pairs = prompts_of(ids, args.prompts, args.context, args.new_tokens)
+        kinds = [k for k in args.kinds.split(",") if k]
+        if not kinds or set(kinds) - set(KINDS):
+            raise SystemExit(f"--kinds: a comma-separated subset of {','.join(KINDS)}, not {args.kinds!r}")
+        rows = quality(enc, {s: loaded[s] for s in chosen}, pairs, args.new_tokens, args.batch_size, kinds)
         payload["quality"] = rows
+        for r in rows:
+            r["delta_ci"] = "–" if r["datastore"] == "–" else "{:+.1f} … {:+.1f}".format(*r["delta_ci95_pct"])
         role = {"pydocs": "in domain", "debref": "foreign"}
         described = " and ".join(f"{s} ({loaded[s].count():,} entries, {role[s]})" for s in chosen)
         tables["quality"] = (
-            f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs test, "
+            f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs {args.split}, "
             f"greedy {args.new_tokens} new tokens vs the true continuation; datastores {described}, exact "
             "FAISS search, tuned k/T/λ and calibrations.\n\n" + markdown_table(rows, [
                 ("system", "system", ""), ("token_accuracy", "token accuracy", ".4f"),
-                ("delta_vs_base_pct", "Δ vs base %", "+.2f"), ("matched_prefix", "matched prefix", ".2f"),
+                ("delta_vs_base_pct", "Δ vs base %", "+.2f"), ("delta_ci", "95% interval", ""),
+                ("matched_prefix", "matched prefix", ".2f"),
                 ("searched", "searched", ".0%"), ("decode_seconds", "decode s", ".0f")]))
         save()
 

@@ -219,3 +219,19 @@ def test_distance_scale_keeps_neighbour_distances_comparable():
     full = np.take_along_axis(d_full, nn, 1).mean()
     raw, scaled = full / np.take_along_axis(d_proj, nn, 1).mean(), full / p.scale_distances(np.take_along_axis(d_proj, nn, 1)).mean()
     assert raw > 2.5 and 0.6 < scaled < 1.6  # measured on other neighbours (k=32 of 2.5k): close, not equal
+
+
+def test_rq_trains_on_a_capped_sample(caplog):
+    """rq's training time grows with its sample (codebooks fitted in turn, with a beam search):
+    it trains on RQ_TRAIN_ROWS keys however large the store, and still encodes every key."""
+    import logging
+
+    from knnlm_vdb.datastore.faiss_index import RQ_TRAIN_ROWS, train
+
+    rows = RQ_TRAIN_ROWS + 5000
+    keys = np.random.default_rng(0).standard_normal((rows, 4)).astype(np.float32)
+    spec = {"type": "rq", "nlist": None, "pq_m": 2, "nprobe": 1}
+    with caplog.at_level(logging.INFO, logger="knnlm_vdb.datastore.faiss_index"):
+        index = train(keys, spec, 4)
+    assert f"training RQ1x8_Ncqint8 on {RQ_TRAIN_ROWS} of {rows} keys" in caplog.text
+    assert index.ntotal == rows and spec["indexed_count"] == rows
