@@ -20,6 +20,12 @@ _MILVUS_BUILD = {"nlist": "nlist", "pq_m": "m", "M": "M", "ef_construction": "ef
 _MILVUS_SEARCH = {"ef": "ef"}
 
 
+def pq_m_divides_dim(backend: str, index: str) -> bool:
+    """Whether ``--pq-m`` must divide the key dimension: a product quantiser cuts each key into
+    pq_m equal groups; FAISS's residual quantiser (rq) codes the whole key with every codebook."""
+    return not (backend == "faiss" and index.lower() == "rq")
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise InvalidInput(f"unknown --backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -88,8 +94,7 @@ class IndexSpec:
         if project_dim is not None and (isinstance(project_dim, bool) or not isinstance(project_dim, int)
                                         or project_dim < 1):
             raise InvalidInput(f"--project-dim must be a positive integer, got {project_dim!r}")
-        residual = backend == "faiss" and index.lower() == "rq"  # rq codes need not divide the dimension
-        if pq_m is not None and (pq_m < 1 or (project_dim and project_dim % pq_m and not residual)):
+        if pq_m is not None and (pq_m < 1 or (project_dim and project_dim % pq_m and pq_m_divides_dim(backend, index))):
             raise InvalidInput(f"--pq-m {pq_m} must divide the key dimension {project_dim}")
         if backend == "faiss":
             return cls(backend, index.lower(), nlist=nlist, pq_m=pq_m, nprobe=nprobe, recompute=recompute,
