@@ -112,4 +112,4 @@ bench-compress: store-408k
 	cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat --test-tokens 6000 \
 		--forms $(CMP_FORMS)
 	cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat --test-tokens 30000 \
-		--forms flat,pca128,pca128+pq32,pca128+rq32 --name compress-30000
+		--forms flat,pca128+rq32,pca128,pca128+pq32 --name compress-30000
