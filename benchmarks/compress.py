@@ -60,6 +60,7 @@ FORMS = {
     "pca64+pq32": ("faiss", "pq", 32, 64, False),
     "pca128+rq32": ("faiss", "rq", 32, 128, False),  # 31 residual codebooks + a 1-byte norm
     "pca192+rq32": ("faiss", "rq", 32, 192, False),
+    "pca256+rq32": ("faiss", "rq", 32, 256, False),
 }
 
 DEFAULT_FORMS = ("flat", "pca128", "pca64+sq8", "pca32+sq8", "pca128+pq32", "pca128+pq16", "milvus:pca24+IVF_SQ8",
