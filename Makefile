@@ -106,7 +106,7 @@ bench-generate-408k: store-408k
 # compressed keys: bytes per entry against kNN-LM perplexity, on the 408k store; each form is tuned
 # on its own (k, T, λ) on 16,000 valid tokens; quantisers.py first compares the 32-byte codes' recall
 # (the second run: the 128-d forms on 30,000 test tokens, where 6,000 left the comparison to noise)
-CMP_FORMS := flat,pca128+pq32,pca96+pq32,server:pca96+IVF_PQ24,pca128,pca128+rq32,pca192+rq32
+CMP_FORMS := flat,pca128+pq32,pca96+pq32,server:pca96+IVF_PQ24,pca128,pca128+rq32,pca192+rq32,pca256+rq32
 bench-compress: store-408k
 	cd benchmarks && ../$(PY) quantisers.py --datastore cache/cmp-pydocs-408000-flat --rows 16384
 	cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat --test-tokens 6000 \
