@@ -30,7 +30,6 @@ from common import CACHE, RESULTS, corpus_file, markdown_table, setup_logging, w
 from scale_data import recall
 
 from knnlm_vdb.datastore.base import take_rows
-from knnlm_vdb.datastore.faiss_index import exact_distances
 from knnlm_vdb.datastore.faiss_store import FaissDatastore
 from knnlm_vdb.evaluate import Neighbours, tune
 from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
@@ -99,20 +98,14 @@ def search_ids(store, src: FaissDatastore, queries: np.ndarray, k: int):
     form was filled with, same ids). Searching twice (values, then ids) doubled the slowest part
     of a 408k-entry run."""
     ids_of_rows, values = src.ids(), src.values()
-    store_values = {}
+    store_values = store.values() if isinstance(store, FaissDatastore) else None
     row_of = None
     out_d, out_v, out_i = [], [], []
     for i in range(0, len(queries), 512):
         q = queries[i:i + 512]
-        if isinstance(store, FaissDatastore):  # one index search, finished as search() finishes it
-            d, rows = store.search_rows(q, k)
-            if store.index_spec["type"] != "flat" and store.index_spec["recompute"]:
-                d = exact_distances(store.keys(), store.to_stored(q), rows)
-                order = np.argsort(d, axis=1, kind="stable")
-                d, rows = np.take_along_axis(d, order, 1), np.take_along_axis(rows, order, 1)
-            d, v = take_rows(d, rows, store_values.setdefault(id(store), store.values()))
-            if store.projection is not None:
-                d = store.projection.scale_distances(d)
+        if isinstance(store, FaissDatastore):  # one index search: search()'s rows and distances
+            d, rows = store.ranked_rows(q, k)
+            d, v = take_rows(d, rows, store_values)
             ids = ids_of_rows[np.where(rows >= 0, rows, 0)]
         else:
             if row_of is None:

@@ -114,8 +114,10 @@ def speed(lm: KnnLM, prompts: list[list[int]], new: int, batch: int, lmbda, k: i
             "searched": searched / max(1, total)}
 
 
-KINDS = {"fixed": ("fixed λ (tuned)", None), "auto": ("--lambda auto", "auto"),
-         "auto-nocache": ("--lambda auto --no-cache", "auto-nocache")}  # the last: what the in-document cache adds
+# kind -> (row label, KnnLM.settings overrides; None: the store's tuned k, T, λ). auto-nocache: what
+# the in-document cache adds to auto
+KINDS = {"fixed": ("fixed λ (tuned)", None), "auto": ("--lambda auto", {"lmbda": "auto"}),
+         "auto-nocache": ("--lambda auto --no-cache", {"lmbda": "auto", "cache": False})}
 
 
 def paired_interval(acc, base, draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -130,7 +132,7 @@ def paired_interval(acc, base, draws: int = 10_000, seed: int = 0) -> tuple[floa
 def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple(KINDS)) -> list[dict]:
     """Token accuracy and matched-prefix length of greedy continuations, per system."""
     lms = {name: KnnLM(enc, [store]) for name, store in stores.items()}
-    systems = [("base LM", None, 0.0)] + [
+    systems = [("base LM", None, {"lmbda": 0.0})] + [
         (f"{name}, {KINDS[kind][0]}", name, KINDS[kind][1]) for name in stores for kind in kinds
         if kind != "auto-nocache" or "cache_calibration" in stores[name].info.extra]
     acc = {s[0]: [] for s in systems}
@@ -147,12 +149,10 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple
             out = model(ids[:, :-1], use_cache=True)
         cache = out.past_key_values
         keys, hidden = (t.clone() for t in enc.captured())
-        for label, name, lam in systems:
+        for label, name, overrides in systems:
             lm = lms[name] if name else next(iter(lms.values()))
-            if name is None:
-                settings = lm.settings(lmbda=0.0)
-            elif lam in ("auto", "auto-nocache"):
-                settings = lm.settings(lmbda="auto", cache=False if lam == "auto-nocache" else None)
+            if overrides is not None:
+                settings = lm.settings(**overrides)
             else:
                 t = stores[name].info.extra["tuned"]
                 settings = lm.settings(k=t["k"], temperature=t["temperature"], lmbda=t["lambda"])

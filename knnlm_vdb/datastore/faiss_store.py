@@ -275,21 +275,14 @@ class FaissDatastore(Datastore):
     def search(self, queries: np.ndarray, k: int):
         if not 1 <= k <= MAX_K:  # the padding below is [n, k]: k=1e9 would try to allocate GiBs
             raise InvalidInput(f"--k must be a positive integer at most {MAX_K}, got {k}")
-        queries = self.to_stored(queries)
         n = self.count()
         if n == 0:
+            queries = self.to_stored(queries)  # an empty store still refuses queries of the wrong shape
             return (np.full((len(queries), k), np.inf, np.float32), np.full((len(queries), k), MISSING_VALUE, np.int32))
-        index = self._index if self._index is not None else self._load_index()
         if self._values is None or len(self._values) != n:
             self._values = self.values()
-        dist, rows = index.search(queries, min(k, n))
-        if self.index_spec["type"] in TRAINED and self.index_spec["recompute"]:
-            dist = exact_distances(self.keys(), queries, rows)
-            order = np.argsort(dist, axis=1, kind="stable")
-            dist, rows = np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
+        dist, rows = self.ranked_rows(queries, min(k, n))
         dist, values = take_rows(dist, rows, self._values)
-        if self.projection is not None:
-            dist = self.projection.scale_distances(dist)
         if dist.shape[1] < k:
             pad = k - dist.shape[1]
             dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
@@ -312,6 +305,21 @@ class FaissDatastore(Datastore):
                 dst.add(ids[i:i + chunk], keys[i:i + chunk], values[i:i + chunk])
         dst.train()
         return dst
+
+    def ranked_rows(self, queries: np.ndarray, k: int):
+        """The row numbers (-1 where unfilled) and distances ``search`` answers with: re-ranked
+        by the stored keys under ``recompute``, on the model-space scale under a projection."""
+        queries = self.to_stored(queries)
+        index = self._index if self._index is not None else self._load_index()
+        dist, rows = index.search(queries, k)
+        if self.index_spec["type"] in TRAINED and self.index_spec["recompute"]:
+            dist = exact_distances(self.keys(), queries, rows)
+            order = np.argsort(dist, axis=1, kind="stable")
+            dist, rows = np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
+        dist = np.where(rows >= 0, dist, np.inf).astype(np.float32)
+        if self.projection is not None:
+            dist = self.projection.scale_distances(dist)
+        return dist, rows
 
     def search_rows(self, queries: np.ndarray, k: int):
         """Distances and row numbers (not values) of the ``k`` nearest keys, -1 where unfilled."""
