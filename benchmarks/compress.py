@@ -178,7 +178,10 @@ def main():
     ap.add_argument("--valid-tokens", type=int, default=16000,
                     help="pydocs valid tokens every form is tuned on (4,000 left the λ choice to noise)")
     ap.add_argument("--forms", default=",".join(DEFAULT_FORMS), help="comma-separated subset of: " + ", ".join(FORMS))
-    ap.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS, help="first keys the projections are fitted on")
+    ap.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS, help="keys the projections are fitted on")
+    ap.add_argument("--sample-from", choices=("first", "spread"), default="first",
+                    help="fit projections on the store's first keys (what a build sees first) or on keys spread "
+                         "evenly over the whole store")
     ap.add_argument("--recall-k", type=int, default=64)
     ap.add_argument("--milvus-exact-settings-only", action="store_true",
                     help="Milvus forms: search the test tokens at the exact store's k only (no own tune; Lite is "
@@ -223,14 +226,19 @@ def main():
     exact_ppl = knnlm_ppl(test, d_ex, v_ex, k, t, lam)
     exact_own_ppl = knnlm_ppl(test, d_ex, v_ex, exact_own["k"], exact_own["temperature"], exact_own["lambda"])
     rk = args.recall_k
-    sample = np.asarray(src.keys()[: args.sample_rows], np.float32)
+    if args.sample_from == "first":
+        sample = np.asarray(src.keys()[: args.sample_rows], np.float32)
+    else:
+        every = np.linspace(0, src.count() - 1, min(args.sample_rows, src.count())).astype(np.int64)
+        sample = np.asarray(src.keys()[every], np.float32)
     work = Path(args.work)
     rows = []
     prior = RESULTS / f"{args.name}.json"
     if prior.exists():  # resume: keep the forms a run over the same rows and tokens measured
         old = json.loads(prior.read_text())
-        if (old.get("entries"), old.get("tokens"), old.get("valid_tokens"), old.get("k")) == (
-                src.count(), len(test["targets"]), args.valid_tokens, k):
+        if (old.get("entries"), old.get("tokens"), old.get("valid_tokens"), old.get("k"),
+                old.get("sample_from", "first")) == (src.count(), len(test["targets"]), args.valid_tokens, k,
+                                                     args.sample_from):
             rows = old["rows"]
     for name in [f for f in args.forms.split(",") if f]:
         if name not in FORMS:
@@ -288,13 +296,14 @@ def report(args, src, test, rows, tuned_from, k, t, lam, base_ppl, exact_ppl, ex
             f"{src.info.model} {src.info.key_type}); k={k}, T={t}, λ={lam} ({tuned_from}); base LM ppl "
             f"{base_ppl:.3f}, exact kNN-LM ppl {exact_ppl:.3f}. 'own tune': k, T, λ tuned for each form on the first "
             f"{args.valid_tokens} pydocs valid tokens (exact store: k={exact_own['k']}, T={exact_own['temperature']}, "
-            f"λ={exact_own['lambda']}, test ppl {exact_own_ppl:.3f}); projections fitted on the first "
-            f"{n_sample:,} keys\n\n")
+            f"λ={exact_own['lambda']}, test ppl {exact_own_ppl:.3f}); projections fitted on "
+            + (f"the first {n_sample:,} keys" if args.sample_from == "first" else
+               f"{n_sample:,} keys spread evenly over the store") + "\n\n")
     write_results(args.name, {"datastore": args.datastore, "entries": src.count(), "tokens": len(test["targets"]),
                                "valid_tokens": args.valid_tokens, "k": k, "temperature": t, "lambda": lam, "tuned_from": tuned_from,
                                "base_ppl": base_ppl, "exact_ppl": exact_ppl, "exact_search_s": round(exact_s, 1),
                                "exact_own_tune": exact_own, "exact_own_ppl": exact_own_ppl,
-                               "sample_rows": n_sample, "recall_k": rk, "rows": rows},
+                               "sample_rows": n_sample, "sample_from": args.sample_from, "recall_k": rk, "rows": rows},
                   head + markdown_table(rows, cols))
 
 

@@ -194,7 +194,7 @@ def parse_params(pairs, what: str) -> dict:
               help="search parameter stored with the domain, e.g. nprobe=32 or ef=256 (repeatable)")
 @click.option("--keep-old", is_flag=True, help="keep the replaced collection (marked retired) instead of dropping it")
 @click.option("--project-dim", type=int, default=None,
-              help="also store the keys projected to this dimension (a PCA fitted on the first keys)")
+              help="also store the keys projected to this dimension (a PCA fitted on a sample of its keys)")
 @_json_option
 def reindex(uri, domain, index_type, index_params, search_params, keep_old, project_dim, as_json):
     """Rebuild DOMAIN with another index without downtime: a new collection, then an alias swap."""

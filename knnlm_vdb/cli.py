@@ -105,15 +105,15 @@ def _ingest_into(store, encoder, corpus, max_tokens, shard, replace, as_json):
     emit({**report.to_dict(), "datastore": desc}, as_json, lines)
 
 
-def _fit_projection(encoder, docs, dim: int, project_dim: int | None):
-    """The key projection of a new store (None without --project-dim), fitted on the first keys."""
+def _fit_projection(encoder, docs, dim: int, project_dim: int | None, max_tokens: int | None):
+    """The key projection of a new store (None without --project-dim), fitted on keys spread over what it will hold."""
     if project_dim is None:
         return None
     from knnlm_vdb.ingest import sample_keys
     from knnlm_vdb.projection import SAMPLE_ROWS, Projection, check_project_dim
 
     check_project_dim(project_dim, dim)
-    return Projection.fit(sample_keys(encoder, docs, SAMPLE_ROWS), project_dim)
+    return Projection.fit(sample_keys(encoder, docs, SAMPLE_ROWS, max_tokens), project_dim)
 
 
 def _check_max_tokens(max_tokens):
@@ -143,7 +143,8 @@ def _check_max_tokens(max_tokens):
               help="FAISS sq8/pq/ivfpq/rq: re-score candidates with the stored keys")
 @opt("key_dtype", type=click.Choice(["float16", "float32"]), help="FAISS key storage")
 @click.option("--project-dim", type=int, default=None,
-              help="store keys projected to this dimension by a PCA fitted on the first keys [default: none]")
+              help="store keys projected to this dimension by a PCA fitted on keys sampled over the corpus "
+                   "[default: none]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datastores, backend, uri, domains,
           consistency, max_tokens, index, nlist, pq_m, nprobe, recompute, key_dtype, project_dim, as_json):
@@ -160,7 +161,8 @@ def build(model, key_type, ctx, stride, batch_size, device, dtype, corpus, datas
     docs = read_corpora(corpus)  # fail on bad input before loading the model
     encoder = make_encoder(model, key_type, ctx, stride, batch_size, device, dtype)
     info = StoreInfo.for_encoder(encoder)
-    store = create_spec(spec, info, index_spec, projection=_fit_projection(encoder, docs, info.dim, project_dim))
+    store = create_spec(spec, info, index_spec, projection=_fit_projection(encoder, docs, info.dim, project_dim,
+                                                                                     max_tokens))
     _ingest_into(store, encoder, corpus, max_tokens, (0, 1), False, as_json)
 
 

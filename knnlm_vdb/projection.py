@@ -12,7 +12,7 @@ multiply the distances they return by it, so distances (and T) stay on the model
 The best k and T of a compressed store still differ from the exact store's (it prefers larger
 ones: benchmarks/compress.py), so ``tune`` it like any new datastore.
 
-The projection is fitted once at build from a sample of the first keys (``fit``) and stored
+The projection is fitted once at build from a sample of keys spread over the corpus (``fit``) and stored
 with the store: a FAISS datastore keeps the arrays in ``projection.npz`` and a summary in
 meta.json; a Milvus domain keeps them (base64) in its metadata property. Stores call ``apply``
 in ``add`` and ``search``, so encoders, mixers and evaluation never see projected keys.
@@ -30,7 +30,7 @@ from knnlm_vdb.errors import Incompatible, InvalidInput
 
 log = logging.getLogger(__name__)
 
-SAMPLE_ROWS = 32768  # keys a build fits the projection on (the first ones it encodes)
+SAMPLE_ROWS = 32768  # keys a build fits the projection on (spread over what it stores: ingest.sample_keys)
 ROTATION_SEED = 0  # of the random rotation applied after the PCA (see ``fit``)
 
 

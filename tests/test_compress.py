@@ -235,3 +235,29 @@ def test_rq_trains_on_a_capped_sample(caplog):
         index = train(keys, spec, 4)
     assert f"training RQ1x8_Ncqint8 on {RQ_TRAIN_ROWS} of {rows} keys" in caplog.text
     assert index.ntotal == rows and spec["indexed_count"] == rows
+
+
+def test_projection_sample_spreads_over_the_documents_a_build_stores(llama_lm):
+    """A build fits its projection on keys from all over the corpus, not its first topic, each
+    with the context a full pass gives it; documents past --max-tokens are not sampled."""
+    from knnlm_vdb.corpus import Document
+    from knnlm_vdb.encoder import Encoder
+    from knnlm_vdb.ingest import sample_keys
+
+    enc = Encoder(llama_lm, ctx=32, stride=16, batch_size=4)
+    rng = np.random.default_rng(0)
+    docs = [Document(f"d{i}", "".join(rng.choice(list("abcdefghij klmnop"), 100))) for i in range(10)]
+    full = [np.concatenate([b.keys for b in enc.encode(enc.tokenize(d.text), with_logprobs=False)]) for d in docs]
+
+    def owners(sample):  # the document each sampled key is a stored key of (None: not a stored key)
+        return [next((j for j, f in enumerate(full) if np.abs(f - row).max(1).min() < 1e-5), None) for row in sample]
+
+    sample = sample_keys(enc, docs, 64)  # ~1,000 targets in ~60 windows of 16-31
+    assert 48 <= len(sample) <= 96
+    owner = owners(sample)
+    assert None not in owner  # every sampled key is one the store holds, with the context a full pass gives
+    assert owner[0] == 0 and owner[-1] == 9 and len(set(owner)) == 4
+    capped = owners(sample_keys(enc, docs, 64, max_tokens=3 * 99))  # the first 3 documents' targets
+    assert None not in capped and set(capped) <= {0, 1, 2} and capped[-1] == 2
+    everything = sample_keys(enc, docs, 10_000)  # fewer targets than rows: all of them
+    assert len(everything) == sum(len(f) for f in full)

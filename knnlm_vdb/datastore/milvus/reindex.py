@@ -10,7 +10,8 @@ with the alias. Deleting rows (``append --replace``) while a reindex runs may le
 rows in the new collection.
 
 ``project_dim`` also compresses the keys: a projection (projection.py) is fitted on the first
-``SAMPLE_ROWS`` keys of the old collection, every copied key is projected, and the new
+``SAMPLE_ROWS`` keys of the old collection in id order (ids hash document and position, so
+these are spread over its documents), every copied key is projected, and the new
 collection holds ``project_dim``-d keys; queries are projected from then on (the projection
 moves with the metadata). Only a domain without a projection can be projected.
 """
