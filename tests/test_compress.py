@@ -71,6 +71,9 @@ def test_faiss_projected_store_finds_the_exact_neighbours_after_reopen(tmp_path,
     rows, d_exact = exact_rows(keys, queries, 8)
     assert np.array_equal(vals, values[rows])
     assert np.allclose(dist, d_exact, rtol=0.05, atol=2e-3)  # minus the query offset off the subspace
+    hits = store.entries(queries, 8)  # provenance names the neighbours search mixed, at its distances
+    assert [[h["target"] for h in q] for q in hits] == vals.tolist()
+    assert np.allclose([[h["distance"] for h in q] for q in hits], dist, rtol=1e-5)
     desc = store.describe()
     assert desc["projection"]["dim_in"] == 16 and desc["projection"]["dim_out"] == 4
     assert desc["stored_dim"] == 4

@@ -32,7 +32,7 @@ def nearest_entries(store, queries: np.ndarray, n: int) -> list[list[dict]]:
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if store.count() == 0 or n < 1:
         return [[] for _ in queries]
-    dist, rows = store.search_rows(queries, min(n, store.count()))
+    dist, rows = store.ranked_rows(queries, min(n, store.count()))  # the order and distances search mixes
     ids, values, where = store.ids(), store.values(), entry_places(store)
     out = []
     for d_row, r_row in zip(dist, rows):

@@ -321,11 +321,6 @@ class FaissDatastore(Datastore):
             dist = self.projection.scale_distances(dist)
         return dist, rows
 
-    def search_rows(self, queries: np.ndarray, k: int):
-        """Distances and row numbers (not values) of the ``k`` nearest keys, -1 where unfilled."""
-        index = self._index if self._index is not None else self._load_index()
-        return index.search(self.to_stored(queries), k)
-
     def entries(self, queries: np.ndarray, n: int) -> list[list[dict]]:
         from knnlm_vdb.datastore.faiss_provenance import nearest_entries
 
