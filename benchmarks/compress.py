@@ -212,12 +212,16 @@ def main():
         tuned_from = str(tj)
     valid = lm_pass(enc, "valid", args.valid_tokens, tag)
 
-    def own_tune(store) -> dict:
-        """k, T, λ tuned for ``store`` on the valid tokens, as `knnlm-vdb tune` would."""
+    def own_tune(store) -> tuple[dict, list]:
+        """k, T, λ tuned for ``store`` on the valid tokens, as `knnlm-vdb tune` would, and the grid."""
         dv, vv, _ = search_ids(store, src, valid["keys"], max_k)
-        return tune(Neighbours(valid["targets"], valid["lm_logprobs"], dv, vv, None, None), ks=KS)["best"]
+        res = tune(Neighbours(valid["targets"], valid["lm_logprobs"], dv, vv, None, None), ks=KS)
+        return res["best"], res["grid"]
 
-    exact_own = own_tune(src)
+    def valid_at(grid, k_, t_, lam_) -> float | None:
+        return next((g["ppl"] for g in grid if (g["k"], g["temperature"], g["lambda"]) == (k_, t_, lam_)), None)
+
+    exact_own, exact_grid = own_tune(src)
     if not tuned:
         tuned = exact_own
         tuned_from = f"tuned here on the first {args.valid_tokens} pydocs valid tokens (exact store)"
@@ -255,11 +259,11 @@ def main():
         t0 = time.perf_counter()
         quick = FORMS[name][0] != "faiss" and args.milvus_exact_settings_only
         if store is src:  # the exact store's answers and tune are above
-            (d, v, i), search_s, own = (d_ex, v_ex, i_ex), exact_s, exact_own
+            (d, v, i), search_s, own, grid = (d_ex, v_ex, i_ex), exact_s, exact_own, exact_grid
         else:
             d, v, i = search_ids(store, src, test["keys"], max(k, rk) if quick else max(max_k, rk))
             search_s = time.perf_counter() - t0
-            own = {"k": None, "temperature": None, "lambda": None} if quick else own_tune(store)
+            own, grid = ({"k": None, "temperature": None, "lambda": None}, None) if quick else own_tune(store)
         own_ppl = None if quick else knnlm_ppl(test, d, v, own["k"], own["temperature"], own["lambda"])
         desc = store.describe()
         b = desc["bytes_per_entry"]
@@ -271,6 +275,8 @@ def main():
                      "delta_pct": 100 * (ppl / exact_ppl - 1), "own_k": own["k"], "own_t": own["temperature"],
                      "own_lambda": own["lambda"], "own_ppl": own_ppl,
                      "own_delta_pct": None if quick else 100 * (own_ppl / exact_own_ppl - 1),
+                     # how far apart the two settings are where they were chosen: valid ppl, own best vs exact's
+                     "valid_own_ppl": own.get("ppl"), "valid_ppl_at_exact": valid_at(grid, k, t, lam) if grid else None,
                      "dist_ratio": float(np.mean(d[:, 0]) / np.mean(d_ex[:, 0])),
                      "build_s": round(build_s, 1), "search_s": round(search_s, 1)})
         print(json.dumps({k_: v_ for k_, v_ in rows[-1].items() if k_ != "bytes_parts"}), flush=True)
