@@ -104,12 +104,15 @@ bench-generate-408k: store-408k
 		--prompts 200 --context 512 --new-tokens 32 --kinds fixed,auto --name generate-quality-408k
 
 # compressed keys: bytes per entry against kNN-LM perplexity, on the 408k store; each form is tuned
-# on its own (k, T, λ) on 16,000 valid tokens; quantisers.py first compares the 32-byte codes' recall
-# (the second run: the 128-d forms on 30,000 test tokens, where 6,000 left the comparison to noise)
+# on its own (k, T, λ) on 16,000 valid tokens; quantisers.py first compares the 32-byte codes' recall.
+# Projections are fitted on keys spread over the store, as a build does (-first: on its first keys,
+# as builds did before); the 30000 runs: the same forms on 30,000 test tokens
 CMP_FORMS := flat,pca128+pq32,pca96+pq32,server:pca96+IVF_PQ24,pca128,pca128+rq32,pca192+rq32,pca256+rq32
+CMP := cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat
 bench-compress: store-408k
 	cd benchmarks && ../$(PY) quantisers.py --datastore cache/cmp-pydocs-408000-flat --rows 16384
-	cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat --test-tokens 6000 \
-		--forms $(CMP_FORMS)
-	cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat --test-tokens 30000 \
-		--forms flat,pca128+rq32,pca128,pca128+pq32 --name compress-30000
+	$(CMP) --test-tokens 6000 --forms $(CMP_FORMS)
+	$(CMP) --test-tokens 6000 --sample-from first --name compress-first \
+		--forms flat,pca128+pq32,pca96+pq32,server:pca96+IVF_PQ24,pca128,pca128+rq32,pca192+rq32,pca256+rq32
+	$(CMP) --test-tokens 30000 --forms flat,pca256+rq32,pca128 --name compress-30000
+	$(CMP) --test-tokens 30000 --sample-from first --forms flat,pca128+rq32,pca128,pca128+pq32 --name compress-30000-first

@@ -35,7 +35,7 @@ from knnlm_vdb.evaluate import Neighbours, tune
 from knnlm_vdb.knn import interpolate, knn_target_logprobs, perplexity
 from knnlm_vdb.projection import SAMPLE_ROWS, Projection
 
-# name -> (backend, index, pq_m, project_dim, recompute)
+# name -> (backend, index, pq_m, project_dim, recompute); a Milvus pq_m may be (m, nbits)
 FORMS = {
     "flat": ("faiss", "flat", None, None, False),
     "sq8": ("faiss", "sq8", None, None, False),
@@ -55,6 +55,7 @@ FORMS = {
     "server:pca192+IVF_PQ24": ("server", "IVF_PQ", 24, 192, False),  # 32 B key: 24 B codes + 8 B id
     "server:pca96+IVF_PQ24": ("server", "IVF_PQ", 24, 96, False),
     "server:pca72+IVF_PQ24": ("server", "IVF_PQ", 24, 72, False),  # 3 dims per code byte, as pca96+pq32
+    "server:pca128+IVF_PQ16x12": ("server", "IVF_PQ", (16, 12), 128, False),  # 24 B: 16 codes of 12 bits
     "pca96+pq32": ("faiss", "pq", 32, 96, False),
     "pca64+pq32": ("faiss", "pq", 32, 64, False),
     "pca128+rq32": ("faiss", "rq", 32, 128, False),  # 31 residual codebooks + a 1-byte norm
@@ -156,7 +157,8 @@ def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, u
         from knnlm_vdb.datastore.milvus import MilvusDatastore
 
         domain = "c_" + name.split(":")[1].replace("+", "_").lower()
-        params = {"nlist": 256, **({"m": pq_m} if pq_m else {})}
+        m, nbits = pq_m if isinstance(pq_m, tuple) else (pq_m, None)
+        params = {"nlist": 256, **({"m": m} if m else {}), **({"nbits": nbits} if nbits else {})}
         if backend == "server":
             uri = server_uri(work)
         store = MilvusDatastore.create(uri, domain, src.info, index_type=index, index_params=params,
@@ -179,7 +181,7 @@ def main():
                     help="pydocs valid tokens every form is tuned on (4,000 left the λ choice to noise)")
     ap.add_argument("--forms", default=",".join(DEFAULT_FORMS), help="comma-separated subset of: " + ", ".join(FORMS))
     ap.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS, help="keys the projections are fitted on")
-    ap.add_argument("--sample-from", choices=("first", "spread"), default="first",
+    ap.add_argument("--sample-from", choices=("first", "spread"), default="spread",
                     help="fit projections on the store's first keys (what a build sees first) or on keys spread "
                          "evenly over the whole store")
     ap.add_argument("--recall-k", type=int, default=64)
