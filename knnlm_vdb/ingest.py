@@ -63,6 +63,16 @@ def _doc_seed(doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=4).digest(), "little")
 
 
+def budgeted(n_tokens: int, budget: int | None) -> tuple[int, int | None]:
+    """How many of a document's ``n_tokens`` tokens go in under a ``budget`` of targets (None: no
+    limit; n+1 tokens give n targets) -> (token limit, budget left). One rule for ``ingest`` and
+    ``sample_keys``, so the projection's sample covers exactly what the build stores."""
+    if budget is None:
+        return n_tokens, None
+    limit = min(n_tokens, budget + 1)
+    return limit, budget - max(0, limit - 1)
+
+
 def sample_keys(encoder: Encoder, documents: list[Document], rows: int, max_tokens: int | None = None) -> np.ndarray:
     """The keys of about ``rows`` targets spread evenly over what ingesting ``documents`` (up to
     ``max_tokens`` targets) stores: what a build fits its key projection on (projection.py),
@@ -78,10 +88,7 @@ def sample_keys(encoder: Encoder, documents: list[Document], rows: int, max_toke
     windows = []  # (document index, first target, end) of every window the store's targets come from
     budget = max_tokens
     for d, doc in enumerate(documents):
-        n = len(encoder.tokenize(doc.text))
-        if budget is not None:
-            n = min(n, budget + 1)  # n+1 tokens give n targets, as in ingest
-            budget -= max(0, n - 1)
+        n, budget = budgeted(len(encoder.tokenize(doc.text)), budget)
         if n >= 2:
             windows += [(d, w.score_from, w.end) for w in sliding_windows(n, encoder.ctx, encoder.stride)]
         if budget is not None and budget <= 0:
@@ -92,11 +99,11 @@ def sample_keys(encoder: Encoder, documents: list[Document], rows: int, max_toke
         per = total / len(windows)
         every = np.linspace(0, len(windows) - 1, max(1, round(rows / per)), dtype=np.int64)
         picked = [windows[i] for i in np.unique(every)]
-    parts, tokens = [], {}
+    parts, current, ids = [], None, []
     for d, lo, hi in picked:
-        if d not in tokens:
-            tokens = {d: encoder.tokenize(documents[d].text)}
-        for block in encoder.encode(tokens[d], with_logprobs=False, target_range=(lo, hi)):
+        if d != current:  # picked windows come in document order: tokenize each picked document once
+            current, ids = d, encoder.tokenize(documents[d].text)
+        for block in encoder.encode(ids, with_logprobs=False, target_range=(lo, hi)):
             parts.append(np.asarray(block.keys, dtype=np.float32))
     return np.concatenate(parts) if parts else np.zeros((0, encoder.lm.hidden_size), np.float32)
 
@@ -123,10 +130,7 @@ def ingest(encoder: Encoder, store: Datastore, documents: list[Document], domain
             report.replaced.append(doc.doc_id)
             rec = None
         ids = encoder.tokenize(doc.text)
-        limit = len(ids)
-        if budget is not None:
-            limit = min(limit, budget + 1)  # n+1 tokens give n targets
-            budget -= max(0, limit - 1)
+        limit, budget = budgeted(len(ids), budget)
         done = rec.chunks if rec is not None else set()
         chunks = []
         for c in range(chunk_count(limit, chunk_targets)):
