@@ -112,7 +112,6 @@ CMP := cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000
 bench-compress: store-408k
 	cd benchmarks && ../$(PY) quantisers.py --datastore cache/cmp-pydocs-408000-flat --rows 16384
 	$(CMP) --test-tokens 6000 --forms $(CMP_FORMS)
-	$(CMP) --test-tokens 6000 --sample-from first --name compress-first \
-		--forms flat,pca128+pq32,pca96+pq32,server:pca96+IVF_PQ24,pca128,pca128+rq32,pca192+rq32,pca256+rq32
+	$(CMP) --test-tokens 6000 --sample-from first --name compress-first --forms $(CMP_FORMS)
 	$(CMP) --test-tokens 30000 --forms flat,pca256+rq32,pca128 --name compress-30000
 	$(CMP) --test-tokens 30000 --sample-from first --forms flat,pca128+rq32,pca128,pca128+pq32 --name compress-30000-first
