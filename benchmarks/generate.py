@@ -68,6 +68,9 @@ def arguments():
                     help="pydocs split the continuation prompts come from (valid: for choosing settings)")
     ap.add_argument("--kinds", default="fixed,auto,auto-nocache",
                     help="kNN-LM systems of the quality part, a subset of fixed,auto,auto-nocache (the base LM always runs)")
+    ap.add_argument("--teacher-forced", action="store_true",
+                    help="also feed each system the true continuation and record its top-1 accuracy and "
+                         "perplexity there: next-token prediction without the drift of free-running decoding")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--work-dir", default=str(CACHE / "generate-bench"))
@@ -129,8 +132,27 @@ def paired_interval(acc, base, draws: int = 10_000, seed: int = 0) -> tuple[floa
     return float(np.percentile(change, 2.5)), float(np.percentile(change, 97.5))
 
 
-def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple(KINDS)) -> list[dict]:
-    """Token accuracy and matched-prefix length of greedy continuations, per system."""
+def teacher_forced(model, proc, ids, truth, cache) -> tuple[np.ndarray, np.ndarray]:
+    """Feed the true continuation ``truth`` [B, n] after ``ids`` (whose last token ``cache`` has not
+    seen), one cached forward per token as ``generate`` runs them, through ``proc``; -> whether the
+    mixture's top token is the true one and the true token's log-probability, both [B, n]."""
+    seq, tok, hits, logps = ids, ids[:, -1:], [], []
+    with torch.inference_mode():
+        for t in range(truth.shape[1]):
+            out = model(tok, cache=cache, use_cache=True)
+            cache = out.past_key_values
+            scores = torch.log_softmax(proc(seq, out.logits[:, -1, :]).float(), -1)
+            hits.append((scores.argmax(-1) == truth[:, t]).numpy())
+            logps.append(scores.gather(1, truth[:, t:t + 1])[:, 0].numpy())
+            tok = truth[:, t:t + 1]
+            seq = torch.cat([seq, tok], 1)
+    return np.stack(hits, 1), np.stack(logps, 1)
+
+
+def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple(KINDS),
+            forced: bool = False) -> list[dict]:
+    """Token accuracy and matched-prefix length of greedy continuations, per system (and with
+    ``forced`` the top-1 accuracy and perplexity of each system fed the true continuation)."""
     lms = {name: KnnLM(enc, [store]) for name, store in stores.items()}
     systems = [("base LM", None, {"lmbda": 0.0})] + [
         (f"{name}, {KINDS[kind][0]}", name, KINDS[kind][1]) for name in stores for kind in kinds
@@ -139,6 +161,8 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple
     prefix = {s[0]: [] for s in systems}
     searched = {s[0]: [0, 0] for s in systems}
     seconds = {s[0]: 0.0 for s in systems}
+    forced_hits = {s[0]: [] for s in systems}
+    forced_logp = {s[0]: [] for s in systems}
     cache_check = {}
     model = enc.lm.model
     t_start = time.perf_counter()
@@ -159,6 +183,13 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple
             proc = lm.logits_processor(settings=settings)
             if settings.adaptive:
                 proc.scales = proc.read_prompt(ids, keys, hidden, start=0)
+            if forced:
+                tf = lm.logits_processor(settings=settings)
+                if settings.adaptive:
+                    tf.scales = tf.read_prompt(ids, keys, hidden, start=0)
+                h, lp = teacher_forced(model, tf, ids, torch.tensor([t for _, t in part]), copy.deepcopy(cache))
+                forced_hits[label].extend(h.sum(1).tolist())
+                forced_logp[label].extend(lp.sum(1).tolist())
             steps = []
             from knnlm_vdb.generate import StepStreamer
 
@@ -192,6 +223,14 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple
                      "matches_per_prompt": [round(x * new) for x in acc[label]], "prefix_per_prompt": prefix[label],
                      "searched": searched[label][0] / max(1, searched[label][1]) if name else None,
                      "decode_seconds": seconds[label], "prefill_check_abs_dprob": cache_check.get(label)})
+        if forced:
+            hits, base_hits = np.asarray(forced_hits[label]), np.asarray(forced_hits["base LM"])
+            lo, hi = paired_interval(hits, base_hits)
+            rows[-1].update({
+                "forced_accuracy": float(hits.sum() / (len(hits) * new)),
+                "forced_delta_vs_base_pct": 100 * (hits.sum() / base_hits.sum() - 1), "forced_delta_ci95_pct": [lo, hi],
+                "forced_ppl": float(np.exp(-np.sum(forced_logp[label]) / (len(hits) * new))),
+                "forced_hits_per_prompt": hits.tolist()})
     return rows
 
 
@@ -239,10 +278,13 @@ def main() -> None:
         kinds = [k for k in args.kinds.split(",") if k]
         if not kinds or set(kinds) - set(KINDS):
             raise SystemExit(f"--kinds: a comma-separated subset of {','.join(KINDS)}, not {args.kinds!r}")
-        rows = quality(enc, {s: loaded[s] for s in chosen}, pairs, args.new_tokens, args.batch_size, kinds)
+        rows = quality(enc, {s: loaded[s] for s in chosen}, pairs, args.new_tokens, args.batch_size, kinds,
+                       args.teacher_forced)
         payload["quality"] = rows
         for r in rows:
-            r["delta_ci"] = "–" if r["datastore"] == "–" else "{:+.1f} … {:+.1f}".format(*r["delta_ci95_pct"])
+            for key in ("delta", "forced_delta"):
+                if f"{key}_ci95_pct" in r:
+                    r[f"{key}_ci"] = "–" if r["datastore"] == "–" else "{:+.1f} … {:+.1f}".format(*r[f"{key}_ci95_pct"])
         role = {"pydocs": "in domain", "debref": "foreign"}
         described = " and ".join(f"{s} ({loaded[s].count():,} entries, {role[s]})" for s in chosen)
         tables["quality"] = (
@@ -251,8 +293,11 @@ def main() -> None:
             "FAISS search, tuned k/T/λ and calibrations.\n\n" + markdown_table(rows, [
                 ("system", "system", ""), ("token_accuracy", "token accuracy", ".4f"),
                 ("delta_vs_base_pct", "Δ vs base %", "+.2f"), ("delta_ci", "95% interval", ""),
-                ("matched_prefix", "matched prefix", ".2f"),
-                ("searched", "searched", ".0%"), ("decode_seconds", "decode s", ".0f")]))
+                ("matched_prefix", "matched prefix", ".2f")]
+                + ([("forced_accuracy", "fed the truth: top-1", ".4f"),
+                    ("forced_delta_vs_base_pct", "its Δ %", "+.2f"), ("forced_delta_ci", "its 95% interval", ""),
+                    ("forced_ppl", "fed the truth: ppl", ".3f")] if args.teacher_forced else [])
+                + [("searched", "searched", ".0%"), ("decode_seconds", "decode s", ".0f")]))
         save()
 
 
