@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -53,3 +54,13 @@ def write_results(name: str, payload: dict, table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / f"{name}.md").write_text(table + "\n")
     print(table)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a CI timeout) unwinds like Ctrl-C, so ``finally`` blocks and atexit hooks
+    stop the Milvus server a benchmark started instead of leaving it running."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
+def _interrupted(*_) -> None:
+    raise KeyboardInterrupt

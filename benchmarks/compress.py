@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, RESULTS, corpus_file, markdown_table, setup_logging, write_results
+from common import CACHE, RESULTS, corpus_file, markdown_table, setup_logging, stop_on_sigterm, write_results
 from scale_data import recall
 
 from knnlm_vdb.datastore.base import take_rows
@@ -194,6 +194,7 @@ def main():
     ap.add_argument("--name", default="compress", help="results/<name>.{json,md}; a run resumes the forms it holds")
     args = ap.parse_args()
     setup_logging()
+    stop_on_sigterm()
     from knnlm_vdb.encoder import Encoder
     from knnlm_vdb.lm import load_lm
 

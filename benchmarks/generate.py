@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, write_results
+from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, stop_on_sigterm, write_results
 from milvus_vs_faiss import load_rows
 
 from knnlm_vdb.api import KnnLM
@@ -237,6 +237,7 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple
 def main() -> None:
     args = arguments()
     setup_logging()
+    stop_on_sigterm()
     systems = parse_systems(args.systems, SYSTEMS)
     t0 = time.perf_counter()
     enc = Encoder(load_lm(args.model, device="cpu", dtype="float32"), ctx=args.ctx, stride=args.ctx // 2,

@@ -32,7 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import CACHE, CORPORA, markdown_table, parse_systems, setup_logging, write_results
+from common import CACHE, CORPORA, markdown_table, parse_systems, setup_logging, stop_on_sigterm, write_results
 
 from knnlm_vdb.corpus import Document, read_corpora
 from knnlm_vdb.datastore import StoreInfo, create_store
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     setup_logging()
+    stop_on_sigterm()
     systems = parse_systems(args.systems, SYSTEMS)
     if not Path(args.corpus).is_file():
         raise SystemExit(f"corpus not found: {args.corpus} (give --corpus PATH)")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, write_results
+from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, stop_on_sigterm, write_results
 
 from knnlm_vdb.datastore.faiss_store import FaissDatastore, default_nlist
 from knnlm_vdb.datastore.milvus import MilvusDatastore, drop_domain, list_domains
@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--skip-faiss", action="store_true", help="do not evaluate the FAISS exact reference")
     args = ap.parse_args()
     setup_logging()
+    stop_on_sigterm()
     systems = parse_systems(args.systems, SYSTEMS)
 
     src = FaissDatastore(args.faiss_dir)

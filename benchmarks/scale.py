@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from common import CACHE, setup_logging
+from common import CACHE, setup_logging, stop_on_sigterm
 from scale_data import ExactTopK, make_keys, read_real_keys, recall
 from scale_report import save
 
@@ -247,11 +246,6 @@ def probe_project_add(uri: str, keys, rows: int, seed: int) -> dict:
     return {"rows": rows, "seconds": seconds, "entries_per_s": rows / seconds}
 
 
-def interrupted(*_) -> None:
-    """SIGTERM: unwind like Ctrl-C, so the ``finally`` stops the server."""
-    raise KeyboardInterrupt
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--real-keys", default=str(CACHE / "gen-pydocs-120000-flat"),
@@ -302,7 +296,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     setup_logging()
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, interrupted)
+    stop_on_sigterm()
     if args.random_keys:
         real = np.random.default_rng(args.seed).standard_normal((args.random_keys, 576), dtype=np.float32)
     else:
