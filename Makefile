@@ -98,10 +98,13 @@ store-408k: $(VENV)/.dev
 		--valid $(CORPORA)/pydocs/valid.txt --max-tokens 16000 --json > cache/cmp-pydocs-tune-cli.json.tmp \
 		&& mv cache/cmp-pydocs-tune-cli.json.tmp cache/cmp-pydocs-tune-cli.json)
 
-# continuation quality in domain with the 408k store (base, fixed λ, auto; about 75 min on 2 cores)
+# continuation quality in domain with the 408k store (base, fixed λ, auto; about 75 min on 2 cores), then
+# base and auto again with per-prompt intervals and fed the true continuation (about 45 min alone)
 bench-generate-408k: store-408k
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/cmp-pydocs-408000-flat --quality-stores pydocs --skip-speed \
 		--prompts 200 --context 512 --new-tokens 32 --kinds fixed,auto --name generate-quality-408k
+	cd benchmarks && ../$(PY) generate.py --pydocs cache/cmp-pydocs-408000-flat --quality-stores pydocs --skip-speed \
+		--prompts 200 --context 512 --new-tokens 32 --kinds auto --teacher-forced --name generate-quality-408k-forced
 
 # compressed keys: bytes per entry against kNN-LM perplexity, on the 408k store; each form is tuned
 # on its own (k, T, λ) on 16,000 valid tokens; quantisers.py first compares the 32-byte codes' recall.
@@ -111,7 +114,7 @@ CMP_FORMS := flat,pca128+pq32,pca96+pq32,server:pca96+IVF_PQ24,pca128,pca128+rq3
 CMP := cd benchmarks && ../$(PY) compress.py --datastore cache/cmp-pydocs-408000-flat
 bench-compress: store-408k
 	cd benchmarks && ../$(PY) quantisers.py --datastore cache/cmp-pydocs-408000-flat --rows 16384
-	$(CMP) --test-tokens 6000 --forms $(CMP_FORMS)
+	$(CMP) --test-tokens 6000 --forms $(CMP_FORMS),server:pca192+IVF_PQ24
 	$(CMP) --test-tokens 6000 --sample-from first --name compress-first --forms $(CMP_FORMS)
 	$(CMP) --test-tokens 30000 --forms flat,pca256+rq32,pca128 --name compress-30000
 	$(CMP) --test-tokens 30000 --sample-from first --forms flat,pca128+rq32,pca128,pca128+pq32 --name compress-30000-first

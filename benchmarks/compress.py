@@ -154,13 +154,17 @@ def build_form(name: str, src: FaissDatastore, sample: np.ndarray, work: Path, u
         store.train(sample_size=train_rows)  # PQ k-means on all 120k rows takes minutes on 2 shared cores
         store.finalize()
     else:
-        from knnlm_vdb.datastore.milvus import MilvusDatastore
+        from knnlm_vdb.datastore.milvus import MilvusDatastore, NoSuchDomain, drop_domain
 
         domain = "c_" + name.split(":")[1].replace("+", "_").lower()
         m, nbits = pq_m if isinstance(pq_m, tuple) else (pq_m, None)
         params = {"nlist": 256, **({"m": m} if m else {}), **({"nbits": nbits} if nbits else {})}
         if backend == "server":
             uri = server_uri(work)
+        try:  # a scratch domain: one an interrupted run left in the server's data is rebuilt
+            drop_domain(uri, domain)
+        except NoSuchDomain:
+            pass
         store = MilvusDatastore.create(uri, domain, src.info, index_type=index, index_params=params,
                                        search_params={"nprobe": nprobe}, projection=proj)
         for i in range(0, len(keys), 8192):
