@@ -116,5 +116,5 @@ bench-compress: store-408k
 	cd benchmarks && ../$(PY) quantisers.py --datastore cache/cmp-pydocs-408000-flat --rows 16384
 	$(CMP) --test-tokens 6000 --forms $(CMP_FORMS),server:pca192+IVF_PQ24
 	$(CMP) --test-tokens 6000 --sample-from first --name compress-first --forms $(CMP_FORMS)
-	$(CMP) --test-tokens 30000 --forms flat,pca256+rq32,pca128 --name compress-30000
+	$(CMP) --test-tokens 30000 --forms flat,pca256+rq32,pca128,server:pca192+IVF_PQ24 --name compress-30000
 	$(CMP) --test-tokens 30000 --sample-from first --forms flat,pca128+rq32,pca128,pca128+pq32 --name compress-30000-first
