@@ -132,6 +132,15 @@ def paired_interval(acc, base, draws: int = 10_000, seed: int = 0) -> tuple[floa
     return float(np.percentile(change, 2.5)), float(np.percentile(change, 97.5))
 
 
+def prompted(lm: KnnLM, settings, ids, keys, hidden):
+    """A processor for one ``generate`` over ``ids`` whose prefill states (``keys``, ``hidden``) are
+    already computed: with adaptive λ it reads the prompt from them, as ``generate`` would."""
+    proc = lm.logits_processor(settings=settings)
+    if settings.adaptive:
+        proc.scales = proc.read_prompt(ids, keys, hidden, start=0)
+    return proc
+
+
 def teacher_forced(model, proc, ids, truth, cache) -> tuple[np.ndarray, np.ndarray]:
     """Feed the true continuation ``truth`` [B, n] after ``ids`` (whose last token ``cache`` has not
     seen), one cached forward per token as ``generate`` runs them, through ``proc``; -> whether the
@@ -180,14 +189,11 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple
             else:
                 t = stores[name].info.extra["tuned"]
                 settings = lm.settings(k=t["k"], temperature=t["temperature"], lmbda=t["lambda"])
-            proc = lm.logits_processor(settings=settings)
-            if settings.adaptive:
-                proc.scales = proc.read_prompt(ids, keys, hidden, start=0)
-            if forced:
-                tf = lm.logits_processor(settings=settings)
-                if settings.adaptive:
-                    tf.scales = tf.read_prompt(ids, keys, hidden, start=0)
-                h, lp = teacher_forced(model, tf, ids, torch.tensor([t for _, t in part]), copy.deepcopy(cache))
+            proc = prompted(lm, settings, ids, keys, hidden)
+            if forced:  # a processor of its own: each keeps its step count and trust
+                truth = torch.tensor([t for _, t in part])
+                fed = prompted(lm, settings, ids, keys, hidden)
+                h, lp = teacher_forced(model, fed, ids, truth, copy.deepcopy(cache))
                 forced_hits[label].extend(h.sum(1).tolist())
                 forced_logp[label].extend(lp.sum(1).tolist())
             steps = []

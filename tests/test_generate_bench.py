@@ -35,9 +35,7 @@ def _forced(bench, lm, settings, prompt, truth):
     with torch.inference_mode():
         out = lm.model(ids[:, :-1], use_cache=True)
     keys, hidden = (t.clone() for t in lm.encoder.captured())
-    proc = lm.logits_processor(settings=settings)
-    if settings.adaptive:
-        proc.scales = proc.read_prompt(ids, keys, hidden, start=0)
+    proc = bench.prompted(lm, settings, ids, keys, hidden)
     return bench.teacher_forced(lm.model, proc, ids, torch.tensor([truth]), copy.deepcopy(out.past_key_values))
 
 
