@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, stop_on_sigterm, write_results
 from milvus_vs_faiss import load_rows
+from paired_stats import paired_interval
 
 from knnlm_vdb.api import KnnLM
 from knnlm_vdb.datastore import open_store
@@ -121,15 +122,6 @@ def speed(lm: KnnLM, prompts: list[list[int]], new: int, batch: int, lmbda, k: i
 # the in-document cache adds to auto
 KINDS = {"fixed": ("fixed λ (tuned)", None), "auto": ("--lambda auto", {"lmbda": "auto"}),
          "auto-nocache": ("--lambda auto --no-cache", {"lmbda": "auto", "cache": False})}
-
-
-def paired_interval(acc, base, draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of the accuracy change vs base (%), resampling prompts in pairs: how
-    far the row's Δ could move with another 200 prompts of the same kind."""
-    acc, base = np.asarray(acc), np.asarray(base)
-    pick = np.random.default_rng(seed).integers(0, len(acc), (draws, len(acc)))
-    change = 100 * (acc[pick].sum(1) / np.maximum(base[pick].sum(1), 1e-12) - 1)
-    return float(np.percentile(change, 2.5)), float(np.percentile(change, 97.5))
 
 
 def prompted(lm: KnnLM, settings, ids, keys, hidden):
@@ -282,6 +274,7 @@ def main() -> None:
     if not args.skip_quality:
         ids = test_ids if args.split == "test" else enc.tokenize(corpus_file("pydocs", "valid").read_text())
         pairs = prompts_of(ids, args.prompts, args.context, args.new_tokens)
+        payload["split_tokens"] = len(ids)  # how many prompts the split could give (generate_power.py)
         kinds = [k for k in args.kinds.split(",") if k]
         if not kinds or set(kinds) - set(KINDS):
             raise SystemExit(f"--kinds: a comma-separated subset of {','.join(KINDS)}, not {args.kinds!r}")
