@@ -94,7 +94,7 @@ def main() -> None:
         f"tokens from pydocs {a.get('split', 'test')}, {a['new_tokens']} new tokens; the split's {tokens:,} tokens hold "
         f"{rows[0]['split_prompts']:,} disjoint continuations).\n\n" + markdown_table(rows, [
             ("system", "system", ""), ("measure", "measure", ""), ("base", "base LM", ","),
-            ("system_total", "system", ","), ("delta_pct", "Δ %", "+.2f"), ("ci", "95% interval", ""),
+            ("system_total", "this system", ","), ("delta_pct", "Δ %", "+.2f"), ("ci", "95% interval", ""),
             ("better", "prompts better", ""), ("worse", "worse", ""),
             ("halfwidth_pct", "± % here", ".1f"), ("split_halfwidth_pct", "± % whole split", ".1f"),
             ("split_detectable_pct", "detectable % whole split", ".1f"),
