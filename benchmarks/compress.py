@@ -67,6 +67,21 @@ DEFAULT_FORMS = ("flat", "pca128", "pca64+sq8", "pca32+sq8", "pca128+pq32", "pca
                  "milvus:pca64+IVF_SQ8", "server:pca128+IVF_PQ16", "pca128+pq32+rerank", "pca288", "sq8")
 
 
+def build_options(name: str, nprobe: int, train_rows: int) -> dict:
+    """The options of this run that change what form ``name`` measures: a kept row measured with
+    others is measured again. Rows written before they were recorded had the defaults (32, 10,000)."""
+    if name == "flat":
+        return {}
+    return {"train_rows": train_rows} if FORMS[name][0] == "faiss" else {"nprobe": nprobe}
+
+
+def kept(row: dict) -> dict:
+    """``build_options`` of a stored row (its recorded ones, or the defaults of older runs)."""
+    if "build" in row:
+        return row["build"]
+    return build_options(row["form"], 32, 10000) if row["form"] in FORMS else {}
+
+
 def lm_pass(enc, split: str, n_tokens: int, tag: str) -> dict:
     """Queries (float32), targets and LM log-probs of the first ``n_tokens`` targets of pydocs ``split``."""
     path = CACHE / "compress" / f"{tag}-pydocs-{split}-{n_tokens}.npz"
@@ -195,7 +210,9 @@ def main():
     ap.add_argument("--nprobe", type=int, default=32, help="IVF lists a Milvus form searches (of nlist 256)")
     ap.add_argument("--train-rows", type=int, default=10000, help="random rows the SQ8/PQ quantisers train on")
     ap.add_argument("--work", default=str(CACHE / "compress" / "stores"), help="scratch for the compressed stores")
-    ap.add_argument("--name", default="compress", help="results/<name>.{json,md}; a run resumes the forms it holds")
+    ap.add_argument("--name", default="compress",
+                    help="results/<name>.{json,md}; a run keeps the forms it holds that were measured with the same "
+                         "--nprobe (Milvus forms) or --train-rows (FAISS forms)")
     args = ap.parse_args()
     setup_logging()
     stop_on_sigterm()
@@ -254,8 +271,10 @@ def main():
     for name in [f for f in args.forms.split(",") if f]:
         if name not in FORMS:
             raise SystemExit(f"unknown form {name!r}")
-        if any(r["form"] == name for r in rows):
+        build = build_options(name, args.nprobe, args.train_rows)
+        if any(r["form"] == name and kept(r) == build for r in rows):
             continue
+        rows = [r for r in rows if r["form"] != name]  # measured with other options: measured again
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         uri = str(work / "milvus.db")
@@ -285,7 +304,7 @@ def main():
                      # how far apart the two settings are where they were chosen: valid ppl, own best vs exact's
                      "valid_own_ppl": own.get("ppl"), "valid_ppl_at_exact": valid_at(grid, k, t, lam) if grid else None,
                      "dist_ratio": float(np.mean(d[:, 0]) / np.mean(d_ex[:, 0])),
-                     "build_s": round(build_s, 1), "search_s": round(search_s, 1)})
+                     "build_s": round(build_s, 1), "search_s": round(search_s, 1), "build": build})
         print(json.dumps({k_: v_ for k_, v_ in rows[-1].items() if k_ != "bytes_parts"}), flush=True)
         if store is not src:
             store.close()
