@@ -124,12 +124,18 @@ KINDS = {"fixed": ("fixed λ (tuned)", None), "auto": ("--lambda auto", {"lmbda"
          "auto-nocache": ("--lambda auto --no-cache", {"lmbda": "auto", "cache": False})}
 
 
-def prompted(lm: KnnLM, settings, ids, keys, hidden):
+def prompted(lm: KnnLM, settings, ids, keys, hidden, read_by=None):
     """A processor for one ``generate`` over ``ids`` whose prefill states (``keys``, ``hidden``) are
-    already computed: with adaptive λ it reads the prompt from them, as ``generate`` would."""
+    already computed: with adaptive λ it reads the prompt from them, as ``generate`` would.
+    ``read_by``: a processor that has read this prompt already; its trust and in-document caches
+    are shared (decoding only searches them), so the prompt — one datastore search per position,
+    most of a batch's time on an exact store — is read once per system."""
     proc = lm.logits_processor(settings=settings)
     if settings.adaptive:
-        proc.scales = proc.read_prompt(ids, keys, hidden, start=0)
+        if read_by is None:
+            proc.scales = proc.read_prompt(ids, keys, hidden, start=0)
+        else:
+            proc.scales, proc.caches = read_by.scales, read_by.caches
     return proc
 
 
@@ -182,9 +188,9 @@ def quality(enc: Encoder, stores: dict, pairs, new: int, batch: int, kinds=tuple
                 t = stores[name].info.extra["tuned"]
                 settings = lm.settings(k=t["k"], temperature=t["temperature"], lmbda=t["lambda"])
             proc = prompted(lm, settings, ids, keys, hidden)
-            if forced:  # a processor of its own: each keeps its step count and trust
+            if forced:  # a processor of its own (each keeps its step count) that shares proc's prompt read
                 truth = torch.tensor([t for _, t in part])
-                fed = prompted(lm, settings, ids, keys, hidden)
+                fed = prompted(lm, settings, ids, keys, hidden, read_by=proc)
                 h, lp = teacher_forced(model, fed, ids, truth, copy.deepcopy(cache))
                 forced_hits[label].extend(h.sum(1).tolist())
                 forced_logp[label].extend(lp.sum(1).tolist())

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_TEXT
 from test_generate import MEMORISED, _store
 from knnlm_vdb.api import KnnLM
 from knnlm_vdb.encoder import Encoder
@@ -56,3 +57,28 @@ def test_teacher_forced_pass_equals_scoring_the_whole_text(bench, tmp_path, llam
     np.testing.assert_allclose(base_logps[0], want[torch.arange(len(truth)), torch.tensor(truth)].numpy(), atol=1e-4)
     np.testing.assert_array_equal(base_hits[0], (want.argmax(-1) == torch.tensor(truth)).numpy())
     assert base_hits[0].mean() < hits[0].mean()
+
+
+def test_a_processor_sharing_another_ones_prompt_read_decodes_the_same(bench, tmp_path, llama_lm):
+    """generate.py reads each prompt once per system: the teacher-forced processor takes the trust
+    and in-document caches of the free-running one, which decoding only searches."""
+    enc = Encoder(llama_lm, ctx=128, stride=64)
+    lm = KnnLM(enc, [_store(tmp_path, enc, "mem", MEMORISED * 2 + TINY_TEXT)])
+    lm.tune([enc.tokenize(MEMORISED + TINY_TEXT[::-1]), enc.tokenize(TINY_TEXT)], max_k=16)
+    settings = lm.settings()
+    assert settings.adaptive and lm.settings(cache=True).adaptive  # calibrated, with the in-document cache
+    ids = enc.tokenize(MEMORISED[:60])
+    prompt, truth = torch.tensor([ids[:40]]), torch.tensor([ids[40:]])
+    with torch.inference_mode():
+        out = lm.model(prompt[:, :-1], use_cache=True)
+    keys, hidden = (t.clone() for t in lm.encoder.captured())
+    own = bench.prompted(lm, settings, prompt, keys, hidden)
+    shared = bench.prompted(lm, settings, prompt, keys, hidden, read_by=own)
+    assert own.caches is not None and shared.scales == own.scales and shared.caches is own.caches
+    a = bench.teacher_forced(lm.model, own, prompt, truth, copy.deepcopy(out.past_key_values))
+    b = bench.teacher_forced(lm.model, shared, prompt, truth, copy.deepcopy(out.past_key_values))
+    fresh = bench.teacher_forced(lm.model, bench.prompted(lm, settings, prompt, keys, hidden), prompt, truth,
+                                 copy.deepcopy(out.past_key_values))
+    for x, y in ((a, b), (a, fresh)):  # decoding left the shared read as it found it
+        np.testing.assert_array_equal(x[0], y[0])
+        np.testing.assert_allclose(x[1], y[1], atol=1e-6)
