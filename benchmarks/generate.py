@@ -67,6 +67,9 @@ def arguments():
                     help="datastores the quality part decodes with (the base LM always runs)")
     ap.add_argument("--split", choices=("test", "valid"), default="test",
                     help="pydocs split the continuation prompts come from (valid: for choosing settings)")
+    ap.add_argument("--shift", type=float, default=0.0,
+                    help="in [0, 1): take the --prompts - 1 prompts this far into each gap between the usual ones "
+                         "(0.5: a second set whose continuations lie between the first set's)")
     ap.add_argument("--kinds", default="fixed,auto,auto-nocache",
                     help="kNN-LM systems of the quality part, a subset of fixed,auto,auto-nocache (the base LM always runs)")
     ap.add_argument("--teacher-forced", action="store_true",
@@ -79,10 +82,16 @@ def arguments():
     return ap.parse_args()
 
 
-def prompts_of(ids: list[int], n: int, context: int, new: int) -> list[tuple[list[int], list[int]]]:
-    """``n`` (prompt, true continuation) pairs at evenly spaced offsets of one token stream."""
+def prompts_of(ids: list[int], n: int, context: int, new: int,
+               shift: float = 0.0) -> list[tuple[list[int], list[int]]]:
+    """``n`` (prompt, true continuation) pairs at evenly spaced offsets of one token stream, the
+    first at its start and the last at its end; ``shift`` > 0: the ``n - 1`` pairs that far into
+    each gap between those (0.5: another set whose continuations lie between theirs)."""
     last = len(ids) - context - new
-    starts = np.linspace(0, last, n).astype(int)
+    starts = np.linspace(0, last, n)
+    if shift:
+        starts = starts[:-1] + shift * (starts[1] - starts[0])
+    starts = starts.astype(int)
     return [(ids[s:s + context], ids[s + context:s + context + new]) for s in starts]
 
 
@@ -279,7 +288,9 @@ def main() -> None:
         save()
     if not args.skip_quality:
         ids = test_ids if args.split == "test" else enc.tokenize(corpus_file("pydocs", "valid").read_text())
-        pairs = prompts_of(ids, args.prompts, args.context, args.new_tokens)
+        if not 0.0 <= args.shift < 1.0 or (args.shift and args.prompts < 2):
+            raise SystemExit(f"--shift: a fraction in [0, 1) of the spacing of at least 2 prompts, not {args.shift}")
+        pairs = prompts_of(ids, args.prompts, args.context, args.new_tokens, args.shift)
         payload["split_tokens"] = len(ids)  # how many prompts the split could give (generate_power.py)
         kinds = [k for k in args.kinds.split(",") if k]
         if not kinds or set(kinds) - set(KINDS):
@@ -294,7 +305,8 @@ def main() -> None:
         role = {"pydocs": "in domain", "debref": "foreign"}
         described = " and ".join(f"{s} ({loaded[s].count():,} entries, {role[s]})" for s in chosen)
         tables["quality"] = (
-            f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs {args.split}, "
+            f"**Continuation quality**: {len(pairs)} prompts of {args.context} tokens from pydocs {args.split}"
+            + (f" ({args.shift:g} of the way between those of --prompts {args.prompts})" if args.shift else "") + ", "
             f"greedy {args.new_tokens} new tokens vs the true continuation; datastores {described}, exact "
             "FAISS search, tuned k/T/λ and calibrations.\n\n" + markdown_table(rows, [
                 ("system", "system", ""), ("token_accuracy", "token accuracy", ".4f"),

@@ -82,3 +82,15 @@ def test_a_processor_sharing_another_ones_prompt_read_decodes_the_same(bench, tm
     for x, y in ((a, b), (a, fresh)):  # decoding left the shared read as it found it
         np.testing.assert_array_equal(x[0], y[0])
         np.testing.assert_allclose(x[1], y[1], atol=1e-6)
+
+
+def test_shifted_prompts_are_another_set_with_disjoint_continuations(bench):
+    ids = list(range(10_000))
+    first = bench.prompts_of(ids, 20, 64, 8)
+    second = bench.prompts_of(ids, 20, 64, 8, shift=0.5)
+    assert first[0][0] == ids[:64] and first[-1][1] == ids[-8:]  # shift 0: the whole stream, ends included
+    assert len(second) == 19  # one in each gap
+    for prompt, truth in first + second:
+        assert len(prompt) == 64 and len(truth) == 8 and truth[0] == prompt[-1] + 1
+    assert not {t for _, truth in first for t in truth} & {t for _, truth in second for t in truth}
+    assert max(t for _, truth in second for t in truth) < len(ids)
