@@ -1,7 +1,7 @@
 """Can the continuation-quality comparison of ``generate.py`` tell its systems apart, and where does
 each system's change come from?
 
-    python benchmarks/generate_power.py results/generate-quality-408k-forced.json [--json]
+    python benchmarks/generate_power.py results/generate-quality-408k-forced.json [more results ...] [--json]
 
 From a run's per-prompt counts it reports, per system against the base LM and per measure:
 the change and its paired-bootstrap 95% interval; the interval's half-width at the run's prompts
@@ -71,26 +71,52 @@ def power_rows(run: dict, tokens: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", help="a generate.py results JSON with per-prompt counts (its quality part)")
-    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    args = ap.parse_args()
-    path = Path(args.results)
+def read_run(path: Path) -> dict:
     try:
         run = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"{path}: not a readable results file ({e})")
     if not run.get("quality") or "prefix_per_prompt" not in run["quality"][0]:
         raise SystemExit(f"{path}: no per-prompt quality counts (a generate.py run without --skip-quality)")
+    return run
+
+
+def pooled(runs: list[dict], names: list[str]) -> dict:
+    """One run of all the runs' prompts (the same systems, context and new tokens; e.g. ``--shift 0.5``
+    beside the usual set): their per-prompt counts joined, so the pair is judged on both sets."""
+    first = runs[0]
+    for run, name in zip(runs[1:], names[1:]):
+        same = all(run["args"].get(k) == first["args"].get(k) for k in ("context", "new_tokens", "split", "model"))
+        if not same or [r["system"] for r in run["quality"]] != [r["system"] for r in first["quality"]]:
+            raise SystemExit(f"{name}: other systems, context, new tokens or split than {names[0]}; cannot pool")
+    quality = []
+    for rows in zip(*(run["quality"] for run in runs)):
+        joined = dict(rows[0])
+        for key in ("matches_per_prompt", "prefix_per_prompt", "forced_hits_per_prompt"):
+            parts = [r.get(key) for r in rows]
+            joined[key] = None if any(p is None for p in parts) else [x for p in parts for x in p]
+        quality.append(joined)
+    return {**first, "quality": quality}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", help="generate.py results JSON with per-prompt counts (its quality part); "
+                                               "several: their prompts are pooled")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = ap.parse_args()
+    paths = [Path(p) for p in args.results]
+    runs = [read_run(p) for p in paths]
+    run = pooled(runs, [p.name for p in paths]) if len(runs) > 1 else runs[0]
     tokens = split_tokens(run)
     rows = power_rows(run, tokens)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     a = run["args"]
+    source = " + ".join(p.name for p in paths)
     table = (
-        f"**How many prompts the comparison needs** ({path.name}: {rows[0]['prompts']} prompts of {a['context']} "
+        f"**How many prompts the comparison needs** ({source}: {rows[0]['prompts']} prompts of {a['context']} "
         f"tokens from pydocs {a.get('split', 'test')}, {a['new_tokens']} new tokens; the split's {tokens:,} tokens hold "
         f"{rows[0]['split_prompts']:,} disjoint continuations).\n\n" + markdown_table(rows, [
             ("system", "system", ""), ("measure", "measure", ""), ("base", "base LM", ","),
@@ -99,7 +125,8 @@ def main() -> None:
             ("halfwidth_pct", "± % here", ".1f"), ("split_halfwidth_pct", "± % whole split", ".1f"),
             ("split_detectable_pct", "detectable % whole split", ".1f"),
             ("prompts_for_1pct", "prompts for ±1%", ",")]))
-    write_results(path.stem + "-power", {"source": path.name, "split_tokens": tokens, "rows": rows}, table)
+    name = paths[0].stem + ("-pooled" if len(paths) > 1 else "") + "-power"
+    write_results(name, {"source": [p.name for p in paths], "split_tokens": tokens, "rows": rows}, table)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,38 @@ def test_power_rows_split_matches_at_the_first_miss(mods, tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH / "generate_power.py"), str(path)], capture_output=True,
                          text=True, cwd=BENCH)
     assert bad.returncode != 0 and "no per-prompt quality counts" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_two_runs_pool_their_prompts_and_mismatched_runs_are_refused(mods, tmp_path):
+    _, power = mods
+
+    def run(seed, systems=("base LM", "docs, auto")):
+        r = np.random.default_rng(seed)
+        quality = []
+        for i, system in enumerate(systems):
+            prefix = r.integers(0, 3, 30)
+            quality.append({"system": system, "datastore": "–" if i == 0 else "docs",
+                            "matches_per_prompt": (prefix + r.integers(0, 3, 30)).tolist(),
+                            "prefix_per_prompt": prefix.tolist()})
+        return {"args": {"context": 16, "new_tokens": 8, "model": "unused", "split": "test"}, "split_tokens": 2000,
+                "quality": quality}
+
+    a, b = run(1), run(2)
+    both = power.pooled([a, b], ["a", "b"])
+    assert both["quality"][1]["matches_per_prompt"] == a["quality"][1]["matches_per_prompt"] + \
+        b["quality"][1]["matches_per_prompt"]
+    assert both["quality"][0]["forced_hits_per_prompt"] is None  # neither run fed the truth
+    rows = {r["measure"]: r for r in power.power_rows(both, 2000)}
+    assert rows["free-running matches"]["prompts"] == 60
+    assert rows["free-running matches"]["base"] == sum(a["quality"][0]["matches_per_prompt"]) + \
+        sum(b["quality"][0]["matches_per_prompt"])
+    with pytest.raises(SystemExit, match="cannot pool"):
+        power.pooled([a, run(3, ("base LM", "docs, fixed"))], ["a", "c"])
+    paths = []
+    for name, r in (("a.json", a), ("b.json", b)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(r))
+    out = subprocess.run([sys.executable, str(BENCH / "generate_power.py"), *map(str, paths), "--json"],
+                         capture_output=True, text=True, cwd=BENCH)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["prompts"] == 60
