@@ -117,7 +117,8 @@ def main() -> None:
     source = " + ".join(p.name for p in paths)
     table = (
         f"**How many prompts the comparison needs** ({source}: {rows[0]['prompts']} prompts of {a['context']} "
-        f"tokens from pydocs {a.get('split', 'test')}, {a['new_tokens']} new tokens; the split's {tokens:,} tokens hold "
+        f"tokens from pydocs {a.get('split', 'test')}, {a['new_tokens']} new tokens; the split's {tokens:,} tokens "
+        "hold "
         f"{rows[0]['split_prompts']:,} disjoint continuations).\n\n" + markdown_table(rows, [
             ("system", "system", ""), ("measure", "measure", ""), ("base", "base LM", ","),
             ("system_total", "this system", ","), ("delta_pct", "Δ %", "+.2f"), ("ci", "95% interval", ""),

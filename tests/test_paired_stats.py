@@ -64,7 +64,8 @@ def test_power_rows_split_matches_at_the_first_miss(mods, tmp_path):
     rows = power.power_rows(run, run["split_tokens"])
     by = {r["measure"]: r for r in rows}
     assert set(by) == {"free-running matches", "before the first miss", "after the first miss", "fed the truth: top-1"}
-    assert by["before the first miss"]["base"] + by["after the first miss"]["base"] == by["free-running matches"]["base"]
+    assert by["before the first miss"]["base"] + by["after the first miss"]["base"] == \
+        by["free-running matches"]["base"]
     assert by["before the first miss"]["system_total"] + by["after the first miss"]["system_total"] == \
         by["free-running matches"]["system_total"]
     assert all(r["split_prompts"] == 100 and r["prompts"] == n for r in rows)
