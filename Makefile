@@ -99,14 +99,18 @@ store-408k: $(VENV)/.dev
 		&& mv cache/cmp-pydocs-tune-cli.json.tmp cache/cmp-pydocs-tune-cli.json)
 
 # continuation quality in domain with the 408k store (base, fixed λ, auto; about 75 min on 2 cores), then
-# base and auto again with per-prompt intervals and fed the true continuation (about 45 min alone);
-# generate_power.py: how many prompts that comparison would need (seconds)
+# base and auto again with per-prompt intervals and fed the true continuation (about 45 min alone), and
+# on 199 prompts between those (31 min); generate_power.py: how many prompts the comparison needs (seconds)
 bench-generate-408k: store-408k
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/cmp-pydocs-408000-flat --quality-stores pydocs --skip-speed \
 		--prompts 200 --context 512 --new-tokens 32 --kinds fixed,auto --name generate-quality-408k
 	cd benchmarks && ../$(PY) generate.py --pydocs cache/cmp-pydocs-408000-flat --quality-stores pydocs --skip-speed \
 		--prompts 200 --context 512 --new-tokens 32 --kinds auto --teacher-forced --name generate-quality-408k-forced
-	cd benchmarks && ../$(PY) generate_power.py results/generate-quality-408k-forced.json
+	cd benchmarks && ../$(PY) generate.py --pydocs cache/cmp-pydocs-408000-flat --quality-stores pydocs --skip-speed \
+		--prompts 200 --shift 0.5 --context 512 --new-tokens 32 --kinds auto --teacher-forced \
+		--name generate-quality-408k-forced-b
+	cd benchmarks && ../$(PY) generate_power.py results/generate-quality-408k-forced.json \
+		results/generate-quality-408k-forced-b.json
 
 # compressed keys: bytes per entry against kNN-LM perplexity, on the 408k store; each form is tuned
 # on its own (k, T, λ) on 16,000 valid tokens; quantisers.py first compares the 32-byte codes' recall.
