@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from common import CACHE, corpus_file, markdown_table, parse_systems, setup_logging, stop_on_sigterm, write_results
 from milvus_vs_faiss import load_rows
-from paired_stats import paired_interval
+from paired_stats import interval_text, paired_interval
 
 from knnlm_vdb.api import KnnLM
 from knnlm_vdb.datastore import open_store
@@ -301,7 +301,7 @@ def main() -> None:
         for r in rows:
             for key in ("delta", "forced_delta"):
                 if f"{key}_ci95_pct" in r:
-                    r[f"{key}_ci"] = "–" if r["datastore"] == "–" else "{:+.1f} … {:+.1f}".format(*r[f"{key}_ci95_pct"])
+                    r[f"{key}_ci"] = "–" if r["datastore"] == "–" else interval_text(*r[f"{key}_ci95_pct"])
         role = {"pydocs": "in domain", "debref": "foreign"}
         described = " and ".join(f"{s} ({loaded[s].count():,} entries, {role[s]})" for s in chosen)
         tables["quality"] = (

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from common import corpus_file, markdown_table, write_results
-from paired_stats import detectable_pct, halfwidth_pct, paired_interval, prompts_for, spread
+from paired_stats import detectable_pct, halfwidth_pct, interval_text, paired_interval, prompts_for, spread
 
 MEASURES = (  # (name, per-prompt counts of a result row)
     ("free-running matches", lambda r: r["matches_per_prompt"]),
@@ -63,7 +63,7 @@ def power_rows(run: dict, tokens: int) -> list[dict]:
             rows.append({
                 "system": row["system"], "measure": measure, "prompts": n, "base": int(theirs.sum()),
                 "system_total": int(ours.sum()), "delta_pct": 100 * (ours.sum() / theirs.sum() - 1),
-                "ci95_pct": [lo, hi], "ci": f"{lo:+.1f} … {hi:+.1f}", "better": int((ours > theirs).sum()),
+                "ci95_pct": [lo, hi], "ci": interval_text(lo, hi), "better": int((ours > theirs).sum()),
                 "worse": int((ours < theirs).sum()), "relative_sd": rel_sd,
                 "halfwidth_pct": halfwidth_pct(rel_sd, n), "split_prompts": most,
                 "split_halfwidth_pct": halfwidth_pct(rel_sd, most),

@@ -22,6 +22,11 @@ def paired_interval(acc, base, draws: int = 10_000, seed: int = 0) -> tuple[floa
     return float(np.percentile(change, 2.5)), float(np.percentile(change, 97.5))
 
 
+def interval_text(lo: float, hi: float) -> str:
+    """How a table shows an interval of ``paired_interval``."""
+    return f"{lo:+.1f} … {hi:+.1f}"
+
+
 def spread(acc, base) -> float:
     """Standard deviation of the per-prompt differences, relative to the base's per-prompt mean:
     the one number the sizes below depend on."""

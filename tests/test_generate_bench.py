@@ -1,5 +1,6 @@
-"""benchmarks/generate.py's teacher-forced pass: feeding the true continuation one cached token at
-a time through the processor gives what scoring the whole text gives (tiny random model)."""
+"""benchmarks/generate.py: feeding the true continuation one cached token at a time through the
+processor gives what scoring the whole text gives, a processor sharing another's prompt read decodes
+the same, and shifted prompts are another set (tiny random model)."""
 from __future__ import annotations
 
 import copy
@@ -31,13 +32,19 @@ def bench():
     return mod
 
 
-def _forced(bench, lm, settings, prompt, truth):
-    ids = torch.tensor([prompt])
+def _prefill(lm, ids):
+    """The prompt's forward as generate.py runs it once per batch: (KV cache, keys, hidden)."""
     with torch.inference_mode():
         out = lm.model(ids[:, :-1], use_cache=True)
     keys, hidden = (t.clone() for t in lm.encoder.captured())
+    return out.past_key_values, keys, hidden
+
+
+def _forced(bench, lm, settings, prompt, truth):
+    ids = torch.tensor([prompt])
+    cache, keys, hidden = _prefill(lm, ids)
     proc = bench.prompted(lm, settings, ids, keys, hidden)
-    return bench.teacher_forced(lm.model, proc, ids, torch.tensor([truth]), copy.deepcopy(out.past_key_values))
+    return bench.teacher_forced(lm.model, proc, ids, torch.tensor([truth]), cache)
 
 
 def test_teacher_forced_pass_equals_scoring_the_whole_text(bench, tmp_path, llama_lm):
@@ -69,16 +76,13 @@ def test_a_processor_sharing_another_ones_prompt_read_decodes_the_same(bench, tm
     assert settings.adaptive and lm.settings(cache=True).adaptive  # calibrated, with the in-document cache
     ids = enc.tokenize(MEMORISED[:60])
     prompt, truth = torch.tensor([ids[:40]]), torch.tensor([ids[40:]])
-    with torch.inference_mode():
-        out = lm.model(prompt[:, :-1], use_cache=True)
-    keys, hidden = (t.clone() for t in lm.encoder.captured())
+    cache, keys, hidden = _prefill(lm, prompt)
     own = bench.prompted(lm, settings, prompt, keys, hidden)
     shared = bench.prompted(lm, settings, prompt, keys, hidden, read_by=own)
     assert own.caches is not None and shared.scales == own.scales and shared.caches is own.caches
-    a = bench.teacher_forced(lm.model, own, prompt, truth, copy.deepcopy(out.past_key_values))
-    b = bench.teacher_forced(lm.model, shared, prompt, truth, copy.deepcopy(out.past_key_values))
-    fresh = bench.teacher_forced(lm.model, bench.prompted(lm, settings, prompt, keys, hidden), prompt, truth,
-                                 copy.deepcopy(out.past_key_values))
+    fresh = bench.prompted(lm, settings, prompt, keys, hidden)
+    a, b, fresh = (bench.teacher_forced(lm.model, proc, prompt, truth, copy.deepcopy(cache))
+                   for proc in (own, shared, fresh))
     for x, y in ((a, b), (a, fresh)):  # decoding left the shared read as it found it
         np.testing.assert_array_equal(x[0], y[0])
         np.testing.assert_allclose(x[1], y[1], atol=1e-6)
