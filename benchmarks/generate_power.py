@@ -30,17 +30,15 @@ MEASURES = (  # (name, per-prompt counts of a result row)
 
 
 def split_tokens(run: dict) -> int:
-    """The prompt split's length in tokens: recorded by newer runs, else tokenized here as they do."""
+    """The prompt split's length in tokens: recorded by newer runs, else tokenized here by the
+    encoder generate.py tokenized it with (loading the model for its tokenizer: seconds)."""
     if "split_tokens" in run:
         return int(run["split_tokens"])
-    from transformers import AutoTokenizer
+    from knnlm_vdb.encoder import Encoder
+    from knnlm_vdb.lm import load_lm
 
-    from knnlm_vdb.lm import resolve_model
-
-    where, gguf = resolve_model(run["args"]["model"])
-    tok = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
-    text = corpus_file("pydocs", run["args"].get("split", "test")).read_text()
-    return len(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+    enc = Encoder(load_lm(run["args"]["model"], device="cpu", dtype="float32"))
+    return len(enc.tokenize(corpus_file("pydocs", run["args"].get("split", "test")).read_text()))
 
 
 def power_rows(run: dict, tokens: int) -> list[dict]:
